@@ -1,0 +1,203 @@
+"""One validated config object for every stage.
+
+Everything a run needs is here, checked by pydantic before any model loads, so a typo in a
+YAML key fails in milliseconds with the key's name instead of an hour into a cluster job.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad key or value in the run configuration (caught before any model loads)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the corpus is and how its rows map onto prompt/response."""
+
+    paths: list[str] = Field(min_length=1, description="files or directories, local or s3://, gs://")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
+    preset: Literal["auto", "alpaca", "qa", "prompt_completion", "messages", "sharegpt"] = "auto"
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="explicit mapping canonical->column; canonical names: instruction, input, response, messages",
+    )
+    id_field: str | None = None
+    shard_rows: int = Field(1000, ge=1, description="rows per shard: the unit of work, output and resume")
+    limit: int | None = Field(None, ge=1, description="use only the first N rows of the corpus")
+
+
+class TemplateConfig(_Strict):
+    kind: Literal["alpaca", "chat", "raw"] = "alpaca"
+    max_length: int = Field(2048, ge=2)
+    length_policy: Literal["skip", "truncate"] = "skip"
+    raw_separator: str = ""
+
+
+class ModelConfig(_Strict):
+    base: str = Field(description="HF model dir, a .gguf file, or the built-in name 'smollm2'")
+    warmup: str | None = Field(None, description="peft adapter dir or full model dir (None: trained by `run`)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EngineConfig(_Strict):
+    name: Literal["hf", "vllm"] = "hf"
+    max_batch_tokens: int = Field(4096, ge=16, description="padded tokens per forward batch")
+    max_batch_size: int = Field(32, ge=1)
+    padding_side: Literal["right", "left"] = "right"
+    logits_chunk: int = Field(1024, ge=1, description="response positions per fp32 log-softmax chunk")
+    threads: int | None = Field(None, ge=1, description="torch threads per actor (CPU); default: cores/actors")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="cluster address; default $RAY_ADDRESS, else local")
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 on cuda, 0 on cpu")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    tokenize_cpus: float = Field(0.25, gt=0, description="CPUs reserved per tokenize/write task")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "RayConfig":
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
+
+
+class WarmupConfig(_Strict):
+    alpha: float = Field(0.1, gt=0, lt=1, description="fraction of the corpus drawn for warmup")
+    count: int | None = Field(None, ge=1, description="absolute number of warmup samples (overrides alpha)")
+    seed: int = 0
+    method: Literal["lora", "full"] = "lora"
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    num_workers: int = Field(1, ge=1, description=">1 trains data-parallel with Ray Train")
+
+
+class SelectionConfig(_Strict):
+    budget: float = Field(0.1, gt=0, le=1, description="beta")
+    budget_unit: Literal["tokens", "samples"] = "tokens"
+    gamma: float = Field(0.1, ge=0, lt=0.5, description="fraction trimmed from each dNLL tail")
+    strategy: str = "instructdiff"
+    seed: int = 0
+    output_format: Literal["auto", "jsonl", "parquet"] = "auto"
+
+
+class RunConfig(_Strict):
+    out: str = Field(description="run directory (local path or s3://...)")
+    data: DataConfig
+    model: ModelConfig
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    rounds: int = Field(1, ge=1, le=10)
+    progress: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _strategy(self) -> "RunConfig":
+        from .selection import STRATEGIES
+
+        if self.selection.strategy not in STRATEGIES:
+            raise ValueError(f"selection.strategy {self.selection.strategy!r} not in {sorted(STRATEGIES)}")
+        return self
+
+    def resolved_device(self) -> str:
+        if self.model.device != "auto":
+            return self.model.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def gpus_per_actor(self) -> float:
+        if self.ray.gpus_per_actor is not None:
+            return self.ray.gpus_per_actor
+        return 1.0 if self.resolved_device() == "cuda" else 0.0
+
+    def torch_threads(self) -> int:
+        if self.engine.threads:
+            return self.engine.threads
+        return max(1, (os.cpu_count() or 1) // self.ray.max_actors)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings; values are parsed as YAML so numbers and lists keep their type."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def build_config(tree: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> RunConfig:
+    """Validate a config tree (from YAML and/or flags) into a RunConfig, or raise ConfigError."""
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (tree or {}).items()}
+    for key, value in overrides:
+        _set_dotted(tree, key, value)
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {where}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and e["type"] != "missing" else ""))
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+    check_inputs(cfg)
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[tuple[str, Any]] = ()) -> RunConfig:
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {path}")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    return build_config(tree, overrides)
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Cheap existence checks on local inputs so missing files fail before Ray or models start."""
+    for p in cfg.data.paths:
+        if "://" not in p and not Path(p).exists():
+            raise ConfigError(f"data.paths: {p} does not exist")
+    for name in ("base", "warmup"):
+        value = getattr(cfg.model, name)
+        if value and value != "smollm2" and "://" not in value and not Path(value).exists():
+            raise ConfigError(f"model.{name}: {value} does not exist")
+    if cfg.engine.name == "vllm":
+        raise ConfigError("engine.name=vllm is not available in this version yet; use engine.name=hf")

@@ -1,0 +1,226 @@
+"""Scoring stage: the three per-shard steps that Ray Data runs.
+
+1. `tokenize_shard` (CPU task): read + normalise + template + tokenize one shard.
+2. `ScoreActor` (actor pool, GPU or CPU): both model passes over the shard's ok rows.
+3. `write_shard` (CPU task): the shard's Parquet file, written atomically, then its marker.
+
+A shard is finished exactly when its marker `_done/shard-NNNNN.json` exists; the marker
+holds the shard's counts, so status and resume never read the score files themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import RunConfig
+from .corpus import Shard, read_shard
+from .template import tokenize_samples
+
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("shard_id", pa.int32()),
+        ("n_prompt_tokens", pa.int32()),
+        ("n_response_tokens", pa.int32()),
+        ("base_nll", pa.float64()),
+        ("base_entropy", pa.float64()),
+        ("warmup_nll", pa.float64()),
+        ("warmup_entropy", pa.float64()),
+        ("delta_nll", pa.float64()),
+        ("delta_entropy", pa.float64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+SCORE_ERROR = "error"
+NONFINITE = "nonfinite"
+QUARANTINE_STATUSES = {"malformed_json", "invalid_utf8"}
+
+
+def shard_name(shard_id: int) -> str:
+    return f"shard-{shard_id:05d}"
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts)
+
+
+def tokenize_shard(row: dict[str, Any], cfg: RunConfig, tokenizer_dir: str) -> dict[str, Any]:
+    """CPU task: one shard spec in, one row with the tokenized shard (pickled) out."""
+    from .engines import load_tokenizer
+
+    shard = Shard.from_dict(row)
+    samples = read_shard(shard, cfg.data)
+    toks = tokenize_samples(samples, cfg.template, _cached_tokenizer(tokenizer_dir, load_tokenizer))
+    payload = {
+        "meta": [(s.sample_id, s.source_file, s.source_row) for s in samples],
+        "quarantine": [
+            {"source_file": s.source_file, "line": s.source_row + 1, "status": s.status, "raw": s.raw}
+            for s in samples
+            if s.status in QUARANTINE_STATUSES
+        ],
+        "ids": [t.input_ids for t in toks],
+        "masks": [t.response_mask for t in toks],
+        "n_prompt": [t.n_prompt_tokens for t in toks],
+        "n_resp": [t.n_response_tokens for t in toks],
+        "status": [t.status for t in toks],
+        "reason": [t.reason for t in toks],
+    }
+    return {"shard_id": shard.shard_id, "payload": pickle.dumps(payload, protocol=5)}
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _cached_tokenizer(path: str, loader):
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = loader(path)
+    return _TOKENIZERS[path]
+
+
+class ScoreActor:
+    """Holds base + warmup models for its lifetime and scores whole shards.
+
+    With `base_scores_dir` set (rounds ≥ 2) the base columns are read from that directory's
+    shard file instead of being recomputed: base scores never change across rounds.
+    """
+
+    def __init__(self, cfg: RunConfig, base_dir: str, warmup: str | None, base_scores_dir: str | None):
+        from .engines import EngineSettings, make_engine
+
+        self.cfg = cfg
+        self.base_scores_dir = base_scores_dir
+        settings = EngineSettings(
+            dtype=cfg.model.dtype,
+            device=cfg.resolved_device(),
+            max_batch_tokens=cfg.engine.max_batch_tokens,
+            max_batch_size=cfg.engine.max_batch_size,
+            padding_side=cfg.engine.padding_side,
+            logits_chunk=cfg.engine.logits_chunk,
+            threads=cfg.torch_threads(),
+        )
+        self.engine = make_engine(cfg.engine.name, base_dir, warmup, settings)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"shard_id": [], "payload": [], "stats": []}
+        for shard_id, blob in zip(batch["shard_id"], batch["payload"]):
+            payload = pickle.loads(blob)
+            table, stats = self.score_payload(int(shard_id), payload)
+            out["shard_id"].append(int(shard_id))
+            out["payload"].append(pickle.dumps({"table": table, "quarantine": payload["quarantine"]}))
+            out["stats"].append(json.dumps(stats))
+        return out
+
+    def score_payload(self, shard_id: int, p: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+        n = len(p["meta"])
+        status = list(p["status"])
+        reason = list(p["reason"])
+        ok = [i for i in range(n) if status[i] == "ok"]
+        ids = [p["ids"][i] for i in ok]
+        masks = [p["masks"][i] for i in ok]
+        cols = {k: np.full(n, np.nan) for k in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy")}
+        stats: dict[str, Any] = {"base_tokens": 0, "base_seconds": 0.0, "warmup_tokens": 0, "warmup_seconds": 0.0}
+        if self.base_scores_dir:
+            self._reuse_base(shard_id, p, cols, status, reason)
+            ok = [i for i in ok if status[i] == "ok"]
+            ids = [p["ids"][i] for i in ok]
+            masks = [p["masks"][i] for i in ok]
+        passes = ["warmup"] if self.base_scores_dir else ["base", "warmup"]
+        if not self.engine.has_warmup:
+            passes = [q for q in passes if q == "base"]
+        for which in passes:
+            res = self.engine.score(ids, masks, which)
+            cols[f"{which}_nll"][ok] = res.nll
+            cols[f"{which}_entropy"][ok] = res.entropy
+            stats[f"{which}_tokens"] += res.tokens
+            stats[f"{which}_seconds"] += res.seconds
+            for j, msg in res.errors.items():
+                status[ok[j]], reason[ok[j]] = SCORE_ERROR, f"{which} pass: {msg}"
+        delta_nll = cols["base_nll"] - cols["warmup_nll"]
+        delta_ent = cols["base_entropy"] - cols["warmup_entropy"]
+        for i in ok:
+            if status[i] != "ok":
+                continue
+            vals = [cols[k][i] for k in cols] if self.engine.has_warmup else [cols["base_nll"][i], cols["base_entropy"][i]]
+            if not np.all(np.isfinite(vals)):
+                status[i], reason[i] = NONFINITE, "a score is NaN or inf"
+        good = np.array([s == "ok" for s in status])
+        for arr in (*cols.values(), delta_nll, delta_ent):
+            arr[~good] = np.nan  # only ok rows carry scores
+        table = pa.table(
+            {
+                "sample_id": [m[0] for m in p["meta"]],
+                "source_file": [m[1] for m in p["meta"]],
+                "source_row": [m[2] for m in p["meta"]],
+                "shard_id": [shard_id] * n,
+                "n_prompt_tokens": p["n_prompt"],
+                "n_response_tokens": p["n_resp"],
+                **{k: pa.array(v, from_pandas=True) for k, v in cols.items()},
+                "delta_nll": pa.array(delta_nll, from_pandas=True),
+                "delta_entropy": pa.array(delta_ent, from_pandas=True),
+                "status": status,
+                "reason": reason,
+            },
+            schema=SCHEMA,
+        )
+        return table, stats
+
+    def _reuse_base(self, shard_id, p, cols, status, reason) -> None:
+        path = join(self.base_scores_dir, shard_name(shard_id) + ".parquet")
+        with fsspec.open(path, "rb") as f:
+            prev = pq.read_table(f, columns=["sample_id", "source_row", "base_nll", "base_entropy", "status"]).to_pydict()
+        if prev["source_row"] != [m[2] for m in p["meta"]]:
+            raise RuntimeError(f"{path}: rows differ from this shard's plan; the base scores belong to another input")
+        for i in range(len(status)):
+            if status[i] == "ok" and prev["status"][i] != "ok":
+                status[i], reason[i] = prev["status"][i], "base pass (earlier round): " + prev["status"][i]
+        cols["base_nll"][:] = np.array(prev["base_nll"], dtype=float)
+        cols["base_entropy"][:] = np.array(prev["base_entropy"], dtype=float)
+
+
+def write_shard(row: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """CPU task: write the shard file atomically, then its completion marker; return the marker."""
+    shard_id = int(row["shard_id"])
+    data = pickle.loads(row["payload"])
+    table: pa.Table = data["table"]
+    stats = json.loads(row["stats"])
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    name = shard_name(shard_id)
+    final = join(root, name + ".parquet")
+    tmp = join(root, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, final)
+    if data["quarantine"]:
+        fs.makedirs(join(root, "quarantine"), exist_ok=True)
+        with fs.open(join(root, "quarantine", name + ".jsonl"), "w") as f:
+            for q in data["quarantine"]:
+                f.write(json.dumps(q, ensure_ascii=False) + "\n")
+    statuses = Counter(table.column("status").to_pylist())
+    tokens = int(np.sum(table.column("n_prompt_tokens").to_numpy()) + np.sum(table.column("n_response_tokens").to_numpy()))
+    marker = {
+        "shard_id": shard_id,
+        "rows": table.num_rows,
+        "status_counts": dict(statuses),
+        "tokens": tokens,
+        "response_tokens": int(np.sum(table.column("n_response_tokens").to_numpy())),
+        "finished_at": time.time(),
+        **stats,
+    }
+    fs.makedirs(join(root, "_done"), exist_ok=True)
+    with fs.open(join(root, "_done", name + ".json"), "w") as f:
+        f.write(json.dumps(marker))
+    return marker

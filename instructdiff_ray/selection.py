@@ -1,0 +1,206 @@
+"""Selection stage: global, vectorised, deterministic selection over the score columns.
+
+The method (design brief §1 steps 4–5): among rows with status ok, sort by ΔNLL (ties by
+sample_id) and drop ⌊γ·n⌋ from each end (nothing if 2⌊γ·n⌋ ≥ n); rank the rest by signed ΔH
+ascending (ties by sample_id); fill the budget in that order, the row that crosses the token
+budget included. Every sort is a pyarrow sort_indices, every fill a numpy cumsum: no Python
+loop over rows, so 10M rows take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import SelectionConfig
+
+STRATEGIES = {
+    "instructdiff": "NLL two-tailed filter, then lowest signed ΔH first (the method)",
+    "middle_dh": "NLL filter, then the ΔH window around the median",
+    "highest_dh": "NLL filter, then highest ΔH first",
+    "random": "uniform random rows (seeded), no filter",
+    "ppl_min": "lowest base-model perplexity first, no filter",
+    "ppl_max": "highest base-model perplexity first, no filter",
+    "entropy_min": "lowest base-model entropy first, no filter",
+    "entropy_max": "highest base-model entropy first, no filter",
+}
+SCORE_COLUMNS = ["sample_id", "source_file", "source_row", "n_response_tokens", "base_nll", "base_entropy",
+                 "delta_nll", "delta_entropy", "status"]
+QUANTILES = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
+
+
+@dataclass
+class Selection:
+    rows: pa.Table  # the selected score rows in rank order, with a `rank` column
+    stats: dict[str, Any]
+    kept_mask: np.ndarray  # over the scored (ok, deduplicated) rows: survived the NLL filter
+    scored: pa.Table  # the ok, deduplicated rows the selection was made from
+
+
+def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """All shard files of a scores directory (those with completion markers when markers exist)."""
+    fs, root = fsspec.core.url_to_fs(scores_dir)
+    done = fs.glob(f"{root.rstrip('/')}/_done/shard-*.json")
+    if done:
+        files = [f"{root.rstrip('/')}/{p.rsplit('/', 1)[-1][:-5]}.parquet" for p in sorted(done)]
+    else:
+        files = sorted(fs.glob(f"{root.rstrip('/')}/*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no score files (*.parquet) in {scores_dir}")
+    tables = []
+    for path in files:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables)
+
+
+def _sorted(table: pa.Table, column: str, order: str) -> np.ndarray:
+    return pc.sort_indices(table, sort_keys=[(column, order), ("sample_id", "ascending")]).to_numpy()
+
+
+def nll_filter(scored: pa.Table, gamma: float) -> tuple[np.ndarray, int]:
+    """Boolean keep-mask after dropping ⌊γ·n⌋ rows at each end of the ΔNLL order, and that count."""
+    n = scored.num_rows
+    k = int(np.floor(gamma * n))
+    keep = np.ones(n, dtype=bool)
+    if k > 0 and 2 * k < n:
+        order = _sorted(scored, "delta_nll", "ascending")
+        keep[order[:k]] = False
+        keep[order[n - k:]] = False
+    else:
+        k = 0
+    return keep, k
+
+
+def fill_budget(order: np.ndarray, tokens: np.ndarray, budget: int, unit: str) -> np.ndarray:
+    """Prefix of `order` that fills the budget; with tokens, the row crossing the budget is in."""
+    if unit == "samples":
+        return order[:budget]
+    before = np.cumsum(tokens[order]) - tokens[order]  # tokens taken before each row
+    return order[: int(np.searchsorted(before, budget, side="left"))]
+
+
+def _dedupe(ok: pa.Table) -> tuple[pa.Table, int]:
+    """Keep the first occurrence (by source file/row) of each sample_id."""
+    order = pc.sort_indices(ok, sort_keys=[("sample_id", "ascending"), ("source_file", "ascending"), ("source_row", "ascending")])
+    ids = ok.column("sample_id").take(order).to_numpy(zero_copy_only=False)
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[1:] != ids[:-1]
+    keep = np.sort(order.to_numpy()[first])
+    return ok.take(keep), int((~first).sum())
+
+
+def _order(scored: pa.Table, keep: np.ndarray, cfg: SelectionConfig) -> np.ndarray:
+    s = cfg.strategy
+    if s == "random":
+        by_id = pc.sort_indices(scored, sort_keys=[("sample_id", "ascending")]).to_numpy()
+        return by_id[np.random.default_rng(cfg.seed).permutation(len(by_id))]
+    if s in ("ppl_min", "ppl_max", "entropy_min", "entropy_max"):
+        col = "base_nll" if s.startswith("ppl") else "base_entropy"
+        return _sorted(scored, col, "ascending" if s.endswith("min") else "descending")
+    kept_idx = np.flatnonzero(keep)
+    sub = scored.take(kept_idx)
+    rank = _sorted(sub, "delta_entropy", "descending" if s == "highest_dh" else "ascending")
+    if s == "middle_dh":
+        mid = (len(rank) - 1) / 2
+        rank = rank[np.argsort(np.abs(np.arange(len(rank)) - mid), kind="stable")]
+    return kept_idx[rank]
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float | None]:
+    if len(values) == 0:
+        return {f"q{int(q * 100):02d}": None for q in QUANTILES}
+    return {f"q{int(q * 100):02d}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))}
+
+
+def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
+    """Run one selection strategy over a table of score rows (the scoring output contract)."""
+    status = table.column("status").to_numpy(zero_copy_only=False)
+    counts = {str(k): int(v) for k, v in zip(*np.unique(status, return_counts=True))}
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    finite = np.isfinite(ok.column("delta_nll").to_numpy(zero_copy_only=False).astype(float)) & np.isfinite(
+        ok.column("delta_entropy").to_numpy(zero_copy_only=False).astype(float))
+    if cfg.strategy in ("instructdiff", "middle_dh", "highest_dh") and not finite.all():
+        raise ValueError(f"{int((~finite).sum())} ok rows lack warmup scores; strategy {cfg.strategy} needs ΔNLL and ΔH")
+    scored, duplicates = _dedupe(ok)
+    n = scored.num_rows
+    tokens = scored.column("n_response_tokens").to_numpy().astype(np.int64)
+    total_tokens = int(tokens.sum())
+    budget = int(np.floor(cfg.budget * (total_tokens if cfg.budget_unit == "tokens" else n)))
+    filtered = cfg.strategy in ("instructdiff", "middle_dh", "highest_dh")
+    keep, k = nll_filter(scored, cfg.gamma) if filtered else (np.ones(n, dtype=bool), 0)
+    chosen = fill_budget(_order(scored, keep, cfg), tokens, budget, cfg.budget_unit)
+    rows = scored.take(chosen).append_column("rank", pa.array(np.arange(len(chosen), dtype=np.int64)))
+    dnll = scored.column("delta_nll").to_numpy(zero_copy_only=False).astype(float)
+    dh = scored.column("delta_entropy").to_numpy(zero_copy_only=False).astype(float)
+    stats = {
+        "strategy": cfg.strategy,
+        "rows_total": table.num_rows,
+        "status_counts": counts,
+        "rows_scored": n,
+        "duplicates_dropped": duplicates,
+        "gamma": cfg.gamma,
+        "trimmed_per_tail": k,
+        "rows_after_nll_filter": int(keep.sum()),
+        "delta_nll_kept_range": [float(dnll[keep].min()), float(dnll[keep].max())] if filtered and keep.any() else None,
+        "budget": {"unit": cfg.budget_unit, "beta": cfg.budget, "value": budget, "total_response_tokens": total_tokens},
+        "selected_rows": len(chosen),
+        "selected_response_tokens": int(tokens[chosen].sum()),
+        "delta_entropy_threshold": float(dh[chosen].max()) if len(chosen) and cfg.strategy == "instructdiff" else None,
+        "delta_entropy": {"all": _quantiles(dh[np.isfinite(dh)]), "selected": _quantiles(dh[chosen][np.isfinite(dh[chosen])])},
+        "delta_nll": {"all": _quantiles(dnll[np.isfinite(dnll)]), "selected": _quantiles(dnll[chosen][np.isfinite(dnll[chosen])])},
+    }
+    return Selection(rows=rows, stats=stats, kept_mask=keep, scored=scored)
+
+
+def write_selection(sel: Selection, out_dir: str, output_format: str = "auto") -> dict[str, str]:
+    """selected_ids.txt, selection.parquet (scores + rank), stats.json, and the user's rows."""
+    from .corpus import _fmt_of, read_rows
+
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(root, exist_ok=True)
+    paths = {k: f"{root.rstrip('/')}/{v}" for k, v in
+             {"ids": "selected_ids.txt", "scores": "selection.parquet", "stats": "stats.json"}.items()}
+    with fs.open(paths["ids"], "w") as f:
+        f.write("".join(f"{sid}\n" for sid in sel.rows.column("sample_id").to_pylist()))
+    with fs.open(paths["scores"], "wb") as f:
+        pq.write_table(sel.rows, f)
+    with fs.open(paths["stats"], "w") as f:
+        f.write(json.dumps(sel.stats, indent=2))
+
+    wanted: dict[str, dict[int, int]] = defaultdict(dict)  # file -> source_row -> rank
+    for src, row, rank in zip(*(sel.rows.column(c).to_pylist() for c in ("source_file", "source_row", "rank"))):
+        wanted[src][row] = rank
+    formats = {_fmt_of(src, "auto") or "jsonl" for src in wanted}
+    fmt = output_format if output_format != "auto" else (formats.pop() if len(formats) == 1 else "jsonl")
+    fmt = {"json": "json", "csv": "csv", "parquet": "parquet"}.get(fmt, "jsonl")
+    records: list[tuple[int, Any]] = []
+    for src, rows in wanted.items():
+        for row, rec in read_rows(src, _fmt_of(src, "auto") or "jsonl", set(rows)):
+            records.append((rows[row], rec))
+    records.sort(key=lambda x: x[0])
+    data = [r for _, r in records]
+    paths["data"] = f"{root.rstrip('/')}/selected.{fmt}"
+    if fmt == "parquet":
+        with fs.open(paths["data"], "wb") as f:
+            pq.write_table(pa.Table.from_pylist(data), f)
+    elif fmt == "csv":
+        import pandas as pd
+
+        with fs.open(paths["data"], "w") as f:
+            pd.DataFrame(data).to_csv(f, index=False)
+    elif fmt == "json":
+        with fs.open(paths["data"], "w") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1)
+    else:
+        with fs.open(paths["data"], "w") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in data)
+    return paths

@@ -1,0 +1,138 @@
+"""Template stage: render a sample to text, tokenize it once, mark the response tokens.
+
+The response span is defined on the single tokenization of the whole text by character
+offsets (design brief §1): a token is a response token when its offset starts inside a
+response span. Nothing is re-tokenized later; the scorer sees only ids and the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import TemplateConfig
+from .corpus import EMPTY_RESPONSE, Sample
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+
+TOO_LONG = "too_long"
+TEMPLATE_ERROR = "template_error"
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    response_mask: list[bool]  # True where the token is a response token (scored from the previous position)
+    n_prompt_tokens: int
+    n_response_tokens: int
+    status: str = "ok"
+    reason: str = ""
+
+
+def alpaca_prompt(instruction: str, input_text: str) -> str:
+    if input_text.strip():
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def _as_pair(sample: Sample) -> tuple[str, str, str] | str:
+    """(instruction, input, response); chat data only maps when it is one user turn and one answer."""
+    if sample.messages is None:
+        return sample.instruction, sample.input, sample.response
+    turns = [m for m in sample.messages if m["role"] != "system"]
+    if len(turns) == 2 and turns[0]["role"] == "user" and turns[1]["role"] == "assistant":
+        system = "\n\n".join(m["content"] for m in sample.messages if m["role"] == "system")
+        instruction = f"{system}\n\n{turns[0]['content']}" if system else turns[0]["content"]
+        return instruction, "", turns[1]["content"]
+    return "multi-turn conversation: use template.kind=chat"
+
+
+def _as_messages(sample: Sample) -> list[dict[str, str]]:
+    if sample.messages is not None:
+        return sample.messages
+    user = sample.instruction + (f"\n\n{sample.input}" if sample.input.strip() else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": sample.response}]
+
+
+def render(sample: Sample, cfg: TemplateConfig, tokenizer) -> tuple[str, list[tuple[int, int]], bool] | str:
+    """(text, response char spans, add_special_tokens) or an error string."""
+    if cfg.kind == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            return "tokenizer has no chat template"
+        messages = _as_messages(sample)
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans, cursor = [], 0
+        for m in messages:
+            content = m["content"] if m["content"] in text[cursor:] else m["content"].strip()
+            at = text.find(content, cursor)
+            if at < 0:
+                return f"chat template does not render the {m['role']} turn verbatim"
+            if m["role"] == "assistant":
+                spans.append((at, at + len(content)))
+            cursor = at + len(content)
+        return text, spans, False
+    pair = _as_pair(sample)
+    if isinstance(pair, str):
+        return pair
+    instruction, input_text, response = pair
+    if cfg.kind == "alpaca":
+        prompt, sep = alpaca_prompt(instruction, input_text), "\n"
+    else:
+        prompt = instruction + (f"\n\n{input_text}" if input_text.strip() else "")
+        sep = cfg.raw_separator
+    text = prompt + sep + response
+    return text, [(len(prompt), len(text))], True
+
+
+def tokenize_samples(samples: list[Sample], cfg: TemplateConfig, tokenizer) -> list[Tokenized]:
+    """Tokenize the ok samples of a shard in one batched call; others pass their status through."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("a fast (Rust) tokenizer is required for character offsets")
+    out: list[Tokenized | None] = [None] * len(samples)
+    todo: dict[bool, list[tuple[int, str, list[tuple[int, int]]]]] = {True: [], False: []}
+    for i, s in enumerate(samples):
+        if s.status != "ok":
+            out[i] = Tokenized([], [], 0, 0, s.status, s.reason)
+            continue
+        rendered = render(s, cfg, tokenizer)
+        if isinstance(rendered, str):
+            out[i] = Tokenized([], [], 0, 0, TEMPLATE_ERROR, rendered)
+            continue
+        text, spans, specials = rendered
+        todo[specials].append((i, text, spans))
+    for specials, items in todo.items():
+        if not items:
+            continue
+        enc = tokenizer(
+            [t for _, t, _ in items],
+            add_special_tokens=specials,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+        for k, (i, _, spans) in enumerate(items):
+            out[i] = _mark(enc["input_ids"][k], enc["offset_mapping"][k], enc["special_tokens_mask"][k], spans, cfg)
+    return out  # type: ignore[return-value]
+
+
+def _mark(ids, offsets, special, spans, cfg: TemplateConfig) -> Tokenized:
+    mask = []
+    for j, ((start, end), sp) in enumerate(zip(offsets, special)):
+        inside = not sp and end > start and any(a <= start < b for a, b in spans)
+        mask.append(inside and j > 0)  # token 0 has no preceding position to predict it
+    n = len(ids)
+    if n > cfg.max_length:
+        if cfg.length_policy == "skip":
+            return Tokenized([], [], 0, 0, TOO_LONG, f"{n} tokens > max_length {cfg.max_length}")
+        ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
+    t = sum(mask)
+    if t == 0:
+        status = TOO_LONG if n > cfg.max_length else EMPTY_RESPONSE
+        return Tokenized([], [], 0, 0, status, "no response tokens after templating/truncation")
+    return Tokenized(list(ids), mask, len(ids) - t, t)

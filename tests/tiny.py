@@ -1,0 +1,98 @@
+"""Tiny real models for tests, built offline: a BPE tokenizer trained on the spot and a Llama
+with head_dim 64 (the shape vLLM also accepts), plus LoRA and full-finetune warmup variants."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GSM8K = SHARED_DATA / "gsm8k_train.jsonl"
+CODE_ALPACA = SHARED_DATA / "code_alpaca_4k.json"
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def training_text(n: int = 400) -> list[str]:
+    from instructdiff_ray.template import ALPACA_PROMPT_INPUT
+
+    lines = [ALPACA_PROMPT_INPUT]
+    with open(GSM8K) as f:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            rec = json.loads(line)
+            lines += [rec["question"], rec["answer"]]
+    return lines
+
+
+def build_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(training_text(), trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_tiny_llama(out: Path, seed: int = 0, layers: int = 2) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger logits than the default init, so entropies are far from log(V)
+        model.lm_head.weight.mul_(12)
+    model.save_pretrained(out)
+    return out
+
+
+def build_lora_adapter(base: Path, out: Path, seed: int = 1) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(out)
+    return out
+
+
+def build_full_warmup(base: Path, out: Path, seed: int = 2) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
