@@ -107,7 +107,7 @@ def _digest(obj: Any) -> str:
 def prepare_out_dir(out_dir: str, fp: dict[str, Any], shards: list[Shard]) -> list[Shard]:
     """Write or check the manifest; return the shards that still need work."""
     fs, root = fsspec.core.url_to_fs(out_dir)
-    manifest_path = join(root, "manifest.json")
+    manifest_path = join(root, "_manifest.json")
     plan = [s.to_dict() for s in shards]
     if fs.exists(manifest_path):
         with fs.open(manifest_path, "r") as f:
@@ -210,7 +210,7 @@ def summarize(out_dir: str, shards: list[Shard], skipped: int, wall: float) -> S
         markers=ms,
     )
     fs, root = fsspec.core.url_to_fs(out_dir)
-    with fs.open(join(root, "summary.json"), "w") as f:
+    with fs.open(join(root, "_summary.json"), "w") as f:
         f.write(json.dumps(summary.to_dict(), indent=2))
     return summary
 

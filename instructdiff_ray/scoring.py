@@ -11,7 +11,9 @@ holds the shard's counts, so status and resume never read the score files themse
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import socket
 import time
 import uuid
 from collections import Counter
@@ -131,7 +133,8 @@ class ScoreActor:
         ids = [p["ids"][i] for i in ok]
         masks = [p["masks"][i] for i in ok]
         cols = {k: np.full(n, np.nan) for k in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy")}
-        stats: dict[str, Any] = {"base_tokens": 0, "base_seconds": 0.0, "warmup_tokens": 0, "warmup_seconds": 0.0}
+        stats: dict[str, Any] = {"base_tokens": 0, "base_seconds": 0.0, "warmup_tokens": 0, "warmup_seconds": 0.0,
+                                 "actor": f"{socket.gethostname()}:{os.getpid()}"}
         if self.base_scores_dir:
             self._reuse_base(shard_id, p, cols, status, reason)
             ok = [i for i in ok if status[i] == "ok"]
@@ -205,8 +208,8 @@ def write_shard(row: dict[str, Any], out_dir: str) -> dict[str, Any]:
         pq.write_table(table, f)
     fs.mv(tmp, final)
     if data["quarantine"]:
-        fs.makedirs(join(root, "quarantine"), exist_ok=True)
-        with fs.open(join(root, "quarantine", name + ".jsonl"), "w") as f:
+        fs.makedirs(join(root, "_quarantine"), exist_ok=True)
+        with fs.open(join(root, "_quarantine", name + ".jsonl"), "w") as f:
             for q in data["quarantine"]:
                 f.write(json.dumps(q, ensure_ascii=False) + "\n")
     statuses = Counter(table.column("status").to_pylist())
