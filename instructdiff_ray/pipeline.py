@@ -223,3 +223,71 @@ def check_config(cfg: RunConfig) -> None:
         raise
     except Exception as err:  # unreadable file, permission, bad parquet
         raise ConfigError(f"data.paths: cannot plan shards: {err}") from err
+
+
+def round_dir(run_dir: str, k: int) -> str:
+    return join(run_dir, f"round-{k}")
+
+
+def run_job(cfg: RunConfig) -> dict[str, Any]:
+    """warmup → score → select for K rounds in one run directory; every step resumes.
+
+    Round 1 scores base and warmup; round k ≥ 2 trains a new warmup from the base on round
+    k−1's selection, scores only the warmup pass and reuses round 1's base columns.
+    """
+    from .report import write_run_report
+    from .selection import load_scores, select, write_selection
+    from .warmup import collect_samples, draw_rows, selected_rows, train_warmup
+
+    t0 = time.monotonic()
+    fs, root = fsspec.core.url_to_fs(cfg.out)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(join(root, "_run_config.json"), "w") as f:
+        f.write(cfg.model_dump_json(indent=2))
+    shards = plan_shards(cfg.data)
+    rounds: list[dict[str, Any]] = []
+    train_rows: dict[str, set[int]] | None = None
+    for k in range(1, cfg.rounds + 1):
+        rdir = round_dir(cfg.out, k)
+        timings: dict[str, float] = {}
+        t = time.monotonic()
+        if k == 1 and cfg.model.warmup:
+            warm_model, warm_info = cfg.model.warmup, {"given": cfg.model.warmup}
+        else:
+            if k == 1:
+                ordinals = draw_rows(shards, cfg.warmup.alpha, cfg.warmup.count, cfg.warmup.seed)
+                samples = collect_samples(cfg, shards, ordinals=ordinals)
+            else:
+                samples = collect_samples(cfg, shards, rows=train_rows)
+            progress = Progress(f"warmup r{k}", 1, cfg.progress)
+            progress.note(f"training on {len(samples)} samples ({cfg.warmup.method})")
+            result = train_warmup(cfg, samples, join(rdir, "warmup"), on_step=_step_printer(progress))
+            warm_model, warm_info = result.scoring_model, result.__dict__
+        timings["warmup_s"] = time.monotonic() - t
+        t = time.monotonic()
+        base_from = join(round_dir(cfg.out, 1), "scores") if k > 1 else None
+        summary = score_corpus(cfg, join(rdir, "scores"), warmup=warm_model, base_scores_dir=base_from, label=f"score r{k}")
+        timings["score_s"] = time.monotonic() - t
+        t = time.monotonic()
+        sel = select(load_scores(join(rdir, "scores")), cfg.selection)
+        paths = write_selection(sel, join(rdir, "selection"), cfg.selection.output_format)
+        timings["select_s"] = time.monotonic() - t
+        Progress(f"select r{k}", 1, cfg.progress).note(
+            f"{sel.stats['selected_rows']} of {sel.stats['rows_scored']} rows selected -> {paths['data']}")
+        train_rows = selected_rows(paths["scores"])
+        rounds.append({"round": k, "warmup": warm_info, "scoring": summary.to_dict(), "selection": sel.stats,
+                       "paths": paths, "timings": timings})
+    result = {"run_dir": cfg.out, "rounds": rounds, "final_selection": rounds[-1]["paths"],
+              "wall_seconds": time.monotonic() - t0}
+    with fs.open(join(root, "_run_summary.json"), "w") as f:
+        f.write(json.dumps(result, indent=2, default=str))
+    write_run_report(cfg.out)
+    return result
+
+
+def _step_printer(progress: Progress):
+    def on_step(h: dict[str, Any]) -> None:
+        if progress.tty or h["step"] % 10 == 0:
+            progress.note(f"step {h['step']}  loss {h['loss']:.4f}  lr {h['lr']:.2e}  {h['seconds']:.0f}s")
+
+    return on_step

@@ -45,3 +45,288 @@ class Progress:
     def note(self, message: str) -> None:
         if not self.off:
             print(f"[{self.label}] {message}", file=sys.stderr, flush=True)
+
+
+def _read_json(fs, path: str):
+    import json
+
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict[str, bytes]:
+    """The per-round figures as PNG bytes, keyed by name."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = scores.filter_ok
+    dh, dnll, T, src = ok["delta_entropy"], ok["delta_nll"], ok["n_response_tokens"], ok["source_file"]
+    sel_ids = set(selection_rows["sample_id"])
+    chosen = np.array([sid in sel_ids for sid in ok["sample_id"]])
+    figs: dict[str, bytes] = {}
+
+    def save(name: str, fig) -> None:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        figs[name] = buf.getvalue()
+
+    bins = 60
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if len(dh):
+        ax.hist(dh, bins=bins, color="#b0b7c3", label=f"all scored ({len(dh)})")
+        ax.hist(dh[chosen], bins=np.histogram_bin_edges(dh, bins), color="#d9534f", label=f"selected ({chosen.sum()})")
+    ax.set_xlabel("ΔH = H_base − H_warmup (nats/token)")
+    ax.set_ylabel("rows")
+    ax.set_title("ΔH distribution and the selected region")
+    ax.legend()
+    save("delta_entropy_hist", fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if len(dnll):
+        ax.hist(dnll, bins=bins, color="#5b8bd9")
+        rng = stats.get("delta_nll_kept_range")
+        if rng:
+            lo, hi = rng
+            ax.axvspan(np.min(dnll), lo, color="#999", alpha=0.35, label=f"trimmed ({stats['trimmed_per_tail']} per tail)")
+            ax.axvspan(hi, np.max(dnll), color="#999", alpha=0.35)
+            ax.legend()
+    ax.set_xlabel("ΔNLL = NLL_base − NLL_warmup")
+    ax.set_ylabel("rows")
+    ax.set_title("ΔNLL distribution and the two trimmed tails")
+    save("delta_nll_hist", fig)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    if len(dh):
+        ax.hexbin(dnll, dh, gridsize=40, cmap="Greys", mincnt=1)
+        ax.scatter(dnll[chosen], dh[chosen], s=6, color="#d9534f", label="selected")
+        ax.legend()
+    ax.set_xlabel("ΔNLL")
+    ax.set_ylabel("ΔH")
+    ax.set_title("ΔH vs ΔNLL (density) with the selection")
+    save("dh_vs_dnll", fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if len(T):
+        edges = np.histogram_bin_edges(T, bins=40)
+        ax.hist(T, bins=edges, alpha=0.6, density=True, label="all scored")
+        ax.hist(T[chosen], bins=edges, alpha=0.6, density=True, label="selected")
+        ax.legend()
+    ax.set_xlabel("response tokens")
+    ax.set_ylabel("density")
+    ax.set_title("Response length: all vs selected")
+    save("response_length", fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    names = sorted(set(src))
+    short = [n.rsplit("/", 1)[-1][:30] for n in names]
+    all_n = [int(np.sum(src == n)) for n in names]
+    sel_n = [int(np.sum((src == n) & chosen)) for n in names]
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, all_n, 0.4, label="scored")
+    ax.bar(x + 0.2, sel_n, 0.4, label="selected")
+    ax.set_xticks(x, short, rotation=20, ha="right")
+    ax.set_title("Per-source breakdown")
+    ax.legend()
+    save("per_source", fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    if loss:
+        ax.plot([h["step"] for h in loss], [h["loss"] for h in loss], marker=".")
+    else:
+        ax.text(0.5, 0.5, "warmup model given, not trained in this run", ha="center", va="center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("response-token loss")
+    ax.set_title("Warmup loss curve")
+    save("warmup_loss", fig)
+    return figs
+
+
+class _Scores:
+    """The score columns a report needs, as numpy arrays over ok rows."""
+
+    def __init__(self, table):
+        import numpy as np
+        import pyarrow.compute as pc
+
+        ok = table.filter(pc.equal(table.column("status"), "ok"))
+        self.filter_ok = {c: np.asarray(ok.column(c).to_numpy(zero_copy_only=False)) for c in
+                          ("sample_id", "source_file", "n_response_tokens", "delta_entropy", "delta_nll")}
+        for c in ("delta_entropy", "delta_nll"):
+            self.filter_ok[c] = self.filter_ok[c].astype(float)
+
+
+def write_run_report(run_dir: str) -> dict[str, str]:
+    """PNG plots per round, one self-contained index.html and summary.md, under RUN/report/."""
+    import base64
+    import html
+
+    import fsspec
+
+    from .selection import load_scores
+
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    root = root.rstrip("/")
+    summary = _read_json(fs, f"{root}/_run_summary.json")
+    fs.makedirs(f"{root}/report", exist_ok=True)
+    sections, md = [], [f"# InstructDiff run summary\n\nRun directory: `{run_dir}`  \nWall time: {summary['wall_seconds']:.1f} s\n"]
+    for rnd in summary["rounds"]:
+        k = rnd["round"]
+        rdir = f"{root}/round-{k}"
+        scores = _Scores(load_scores(f"{rdir}/scores"))
+        import pyarrow.parquet as pq
+
+        with fs.open(f"{rdir}/selection/selection.parquet", "rb") as f:
+            sel = pq.read_table(f, columns=["sample_id"]).to_pydict()
+        loss = _read_json(fs, f"{rdir}/warmup/loss.json") if fs.exists(f"{rdir}/warmup/loss.json") else None
+        stats = rnd["selection"]
+        figs = _plots(scores, sel, stats, loss)
+        fs.makedirs(f"{root}/report/round-{k}", exist_ok=True)
+        imgs = []
+        for name, data in figs.items():
+            with fs.open(f"{root}/report/round-{k}/{name}.png", "wb") as f:
+                f.write(data)
+            b64 = base64.b64encode(data).decode()
+            imgs.append(f'<figure><img alt="{name}" data-name="round-{k}/{name}.png" src="data:image/png;base64,{b64}">'
+                        f"<figcaption>{name}</figcaption></figure>")
+        sc = rnd["scoring"]
+        budget = stats["budget"]
+        lines = [
+            f"## Round {k}\n",
+            "| status | rows |\n|---|---:|",
+            *[f"| {s} | {n} |" for s, n in stats["status_counts"].items()],
+            f"| **total** | **{stats['rows_total']}** |\n",
+            f"- strategy: `{stats['strategy']}`; γ = {stats['gamma']} → {stats['trimmed_per_tail']} rows trimmed per ΔNLL tail"
+            + (f" (kept ΔNLL in [{stats['delta_nll_kept_range'][0]:.4f}, {stats['delta_nll_kept_range'][1]:.4f}])" if stats["delta_nll_kept_range"] else ""),
+            f"- budget: β = {budget['beta']} of {budget['unit']} = {budget['value']} (of {budget['total_response_tokens']} response tokens)",
+            f"- selected: **{stats['selected_rows']} rows**, {stats['selected_response_tokens']} response tokens"
+            + (f"; ΔH threshold {stats['delta_entropy_threshold']:.4f}" if stats["delta_entropy_threshold"] is not None else ""),
+            f"- duplicates dropped: {stats['duplicates_dropped']}",
+            f"- ΔH median all {stats['delta_entropy']['all']['q50']} vs selected {stats['delta_entropy']['selected']['q50']}",
+            f"- scoring: {sc['rows']} rows in {sc['shards_total']} shards ({sc['shards_skipped']} resumed); "
+            f"base pass {sc['base_tokens']} tok ({_rate(sc['base_tokens_per_s'])}), warmup pass {sc['warmup_tokens']} tok ({_rate(sc['warmup_tokens_per_s'])})",
+            "- timings: " + ", ".join(f"{k2} {v:.1f}" for k2, v in rnd["timings"].items()),
+            f"- selected data: `{rnd['paths']['data']}`\n",
+        ]
+        md += lines
+        sections.append(f"<h2>Round {k}</h2><pre>{html.escape(chr(10).join(lines[1:]))}</pre>" + "".join(imgs))
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>InstructDiff run report</title>"
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}figure{margin:1em 0}</style>"
+            f"</head><body><h1>InstructDiff run report</h1><p>{html.escape(run_dir)}</p>{''.join(sections)}</body></html>")
+    paths = {"html": f"{root}/report/index.html", "summary": f"{root}/report/summary.md"}
+    with fs.open(paths["html"], "w") as f:
+        f.write(page)
+    with fs.open(paths["summary"], "w") as f:
+        f.write("\n".join(md) + "\n")
+    return paths
+
+
+def _rate(value) -> str:
+    return f"{value:.0f} tok/s" if value else "reused"
+
+
+def _scores_dirs(run_dir: str) -> list[tuple[str, str]]:
+    """(label, scores dir) for a run directory (every round) or a bare scores directory."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/_manifest.json"):
+        return [("scores", run_dir)]
+    rounds = sorted(fs.glob(f"{root}/round-*"), key=lambda p: int(p.rsplit("-", 1)[-1]))
+    prefix = run_dir.split("://")[0] + "://" if "://" in run_dir else ""
+    return [(p.rsplit("/", 1)[-1], f"{prefix}{p}/scores") for p in rounds]
+
+
+def run_status(run_dir: str) -> str:
+    """A one-screen status: stage, shards done/pending/interrupted, rows per status, speed, ETA."""
+    import json
+    import time
+
+    import fsspec
+
+    dirs = _scores_dirs(run_dir)
+    if not dirs:
+        return f"{run_dir}: no run here yet (no round-*/scores or _manifest.json)"
+    out = [f"run: {run_dir}"]
+    for label, sdir in dirs:
+        fs, root = fsspec.core.url_to_fs(sdir)
+        root = root.rstrip("/")
+        rdir = root.rsplit("/", 1)[0]
+        warm = "done" if fs.exists(f"{rdir}/warmup/_WARMUP_DONE.json") else ("given" if label != "scores" else "-")
+        if not fs.exists(f"{root}/_manifest.json"):
+            out.append(f"{label}: warmup {warm}; scoring not started")
+            continue
+        manifest = _read_json(fs, f"{root}/_manifest.json")
+        plan = manifest["plan"]
+        markers = [_read_json(fs, p) for p in fs.glob(f"{root}/_done/shard-*.json")]
+        done_ids = {m["shard_id"] for m in markers}
+        interrupted = [p for p in fs.glob(f"{root}/shard-*.parquet") if int(p.rsplit("-", 1)[-1][:5]) not in done_ids]
+        rows_total = sum(s["n_rows"] for s in plan)
+        rows_done = sum(m["rows"] for m in markers)
+        counts: dict[str, int] = {}
+        for m in markers:
+            for k, v in m["status_counts"].items():
+                counts[k] = counts.get(k, 0) + v
+        tokens = sum(m["base_tokens"] + m["warmup_tokens"] for m in markers)
+        secs = sum(m["base_seconds"] + m["warmup_seconds"] for m in markers)
+        elapsed = (max(m["finished_at"] for m in markers) - manifest["created_at"]) if markers else 0
+        rate = rows_done / elapsed if elapsed > 0 else 0
+        eta = (rows_total - rows_done) / rate if rate else None
+        selected = fs.exists(f"{rdir}/selection/stats.json")
+        stage = "selected" if selected else ("scoring" if len(done_ids) < len(plan) else "scored")
+        out.append(
+            f"{label}: stage {stage}; warmup {warm}; shards {len(done_ids)}/{len(plan)} done, "
+            f"{len(plan) - len(done_ids)} pending, {len(interrupted)} interrupted; rows {rows_done}/{rows_total}"
+        )
+        out.append("  rows per status: " + json.dumps(dict(sorted(counts.items()))))
+        out.append(f"  tokens scored: {tokens}" + (f" ({tokens / secs:.0f} tok/s in model passes)" if secs else "")
+                   + (f"; eta {eta:.0f} s" if eta and rows_done < rows_total else ""))
+        if selected:
+            st = _read_json(fs, f"{rdir}/selection/stats.json")
+            out.append(f"  selection: {st['selected_rows']} rows, {st['selected_response_tokens']} response tokens ({st['strategy']})")
+    out.append(f"(as of {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    return "\n".join(out)
+
+
+def inspect_run(run_dir: str, n: int = 5, round_k: int | None = None) -> str:
+    """Top and bottom samples by ΔH and by ΔNLL, with their text and whether they were selected."""
+    import json
+
+    import fsspec
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .corpus import _fmt_of, read_rows
+    from .selection import load_scores
+
+    dirs = _scores_dirs(run_dir)
+    if not dirs:
+        return f"{run_dir}: nothing scored yet"
+    label, sdir = dirs[-1] if round_k is None else dirs[round_k - 1]
+    table = load_scores(sdir)
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    fs, root = fsspec.core.url_to_fs(sdir)
+    sel_path = root.rstrip("/").rsplit("/", 1)[0] + "/selection/selection.parquet"
+    selected: set[str] = set()
+    if fs.exists(sel_path):
+        with fs.open(sel_path, "rb") as f:
+            selected = set(pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist())
+    out = [f"{label}: {ok.num_rows} scored rows ({len(selected)} selected)"]
+    for col in ("delta_entropy", "delta_nll"):
+        for order in ("ascending", "descending"):
+            idx = pc.sort_indices(ok, sort_keys=[(col, order), ("sample_id", "ascending")])[:n]
+            rows = ok.take(idx).to_pylist()
+            out.append(f"\n=== {'lowest' if order == 'ascending' else 'highest'} {n} by {col} ===")
+            for r in rows:
+                rec = next(iter(read_rows(r["source_file"], _fmt_of(r["source_file"], "auto") or "jsonl", {r["source_row"]})), (0, {}))[1]
+                text = json.dumps(rec, ensure_ascii=False)
+                out.append(f"- {r['sample_id']} {col}={r[col]:.4f} T={r['n_response_tokens']} "
+                           f"{'[selected]' if r['sample_id'] in selected else ''}\n    {text[:400]}")
+    return "\n".join(out)
