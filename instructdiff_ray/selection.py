@@ -81,11 +81,15 @@ def nll_filter(scored: pa.Table, gamma: float) -> tuple[np.ndarray, int]:
 
 
 def fill_budget(order: np.ndarray, tokens: np.ndarray, budget: int, unit: str) -> np.ndarray:
-    """Prefix of `order` that fills the budget; with tokens, the row crossing the budget is in."""
+    """Prefix of `order` that fills the budget.
+
+    Tokens: rows are taken while the tokens taken before them are under the budget, so the row
+    that crosses it is included and at least one row is taken (the authors' append-then-check).
+    """
     if unit == "samples":
         return order[:budget]
     before = np.cumsum(tokens[order]) - tokens[order]  # tokens taken before each row
-    return order[: int(np.searchsorted(before, budget, side="left"))]
+    return order[: max(int(np.searchsorted(before, budget, side="left")), min(1, len(order)))]
 
 
 def _dedupe(ok: pa.Table) -> tuple[pa.Table, int]:
