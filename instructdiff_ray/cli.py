@@ -150,7 +150,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     check_config(cfg)
     shards = plan_shards(cfg.data)
     samples = collect_samples(cfg, shards, ordinals=draw_rows(shards, cfg.warmup.alpha, cfg.warmup.count, cfg.warmup.seed))
-    result = train_warmup(cfg, samples, cfg.out, on_step=lambda h: print(f"step {h['step']} loss {h['loss']:.4f}", file=sys.stderr))
+    result = train_warmup(cfg, samples, cfg.out)
     print(json.dumps(result.__dict__, indent=2))
     return EXIT_OK
 

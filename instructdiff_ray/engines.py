@@ -128,8 +128,8 @@ def load_tokenizer(model_dir: str):
 class EngineSettings:
     dtype: str = "float32"
     device: str = "cpu"
-    max_batch_tokens: int = 4096
-    max_batch_size: int = 32
+    max_batch_tokens: int = 2048
+    max_batch_size: int = 8
     padding_side: str = "right"
     logits_chunk: int | None = None
     threads: int | None = None

@@ -261,7 +261,7 @@ def run_job(cfg: RunConfig) -> dict[str, Any]:
                 samples = collect_samples(cfg, shards, rows=train_rows)
             progress = Progress(f"warmup r{k}", 1, cfg.progress)
             progress.note(f"training on {len(samples)} samples ({cfg.warmup.method})")
-            result = train_warmup(cfg, samples, join(rdir, "warmup"), on_step=_step_printer(progress))
+            result = train_warmup(cfg, samples, join(rdir, "warmup"))
             warm_model, warm_info = result.scoring_model, result.__dict__
         timings["warmup_s"] = time.monotonic() - t
         t = time.monotonic()
@@ -284,10 +284,3 @@ def run_job(cfg: RunConfig) -> dict[str, Any]:
     write_run_report(cfg.out)
     return result
 
-
-def _step_printer(progress: Progress):
-    def on_step(h: dict[str, Any]) -> None:
-        if progress.tty or h["step"] % 10 == 0:
-            progress.note(f"step {h['step']}  loss {h['loss']:.4f}  lr {h['lr']:.2e}  {h['seconds']:.0f}s")
-
-    return on_step

@@ -107,8 +107,8 @@ class ScoreActor:
         settings = EngineSettings(
             dtype=cfg.model.dtype,
             device=cfg.resolved_device(),
-            max_batch_tokens=cfg.engine.max_batch_tokens,
-            max_batch_size=cfg.engine.max_batch_size,
+            max_batch_tokens=cfg.batch_limits()[0],
+            max_batch_size=cfg.batch_limits()[1],
             padding_side=cfg.engine.padding_side,
             logits_chunk=cfg.engine.logits_chunk,
             threads=cfg.torch_threads(),

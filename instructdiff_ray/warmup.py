@@ -107,8 +107,8 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
         world, rank = ctx.get_world_size(), ctx.get_world_rank()
     torch.manual_seed(w.seed)
     device = torch.device("cuda" if cfg.resolved_device() == "cuda" and torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and cfg.engine.threads:
-        torch.set_num_threads(cfg.engine.threads)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.torch_threads())  # Ray sets OMP_NUM_THREADS to the task's CPUs
     tok = load_tokenizer(spec["base_dir"])
     toks = [t for t in tokenize_samples(spec["samples"], cfg.template, tok) if t.status == "ok"]
     if not toks:
@@ -177,8 +177,12 @@ def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -
 
 
 def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
-                 on_step: Callable[[dict[str, Any]], None] | None = None) -> WarmupResult:
-    """Train π_w from the base on `samples` into `out_dir` (resumable: a finished dir is reused)."""
+                 on_step: Callable[[dict[str, Any]], None] | None = None, in_process: bool = False) -> WarmupResult:
+    """Train π_w from the base on `samples` into `out_dir` (resumable: a finished dir is reused).
+
+    Training runs in a Ray task (one GPU on CUDA) so the driver's memory stays small; its step
+    lines reach the driver through Ray's log forwarding. `in_process` trains right here.
+    """
     from .engines import resolve_model
 
     fs, root = fsspec.core.url_to_fs(out_dir)
@@ -188,7 +192,12 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
             return WarmupResult(**json.load(f))
     spec = {"cfg": cfg, "base_dir": resolve_model(cfg.model.base), "samples": samples, "out_dir": out_dir,
             "on_step": on_step}
-    stats = _train_with_ray(spec, cfg) if cfg.warmup.num_workers > 1 else train_loop(spec)
+    if cfg.warmup.num_workers > 1:
+        stats = _train_with_ray(spec, cfg)
+    elif in_process:
+        stats = train_loop(spec)
+    else:
+        stats = _train_in_task(spec, cfg)
     result = WarmupResult(
         out_dir=out_dir,
         adapter_dir=f"{out_dir.rstrip('/')}/adapter" if cfg.warmup.method == "lora" else None,
@@ -198,6 +207,23 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
     with fs.open(done_path, "w") as f:
         f.write(json.dumps(asdict(result), indent=2))
     return result
+
+
+def _train_in_task(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    import ray
+
+    from .pipeline import init_ray
+
+    init_ray(cfg)
+    remote = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.gpus_per_actor(), max_retries=1)(_train_and_print)
+    return ray.get(remote.remote({k: v for k, v in spec.items() if k != "on_step"}))
+
+
+def _train_and_print(spec: dict[str, Any]) -> dict[str, Any]:
+    every = 1 if spec["cfg"].progress == "on" else 10
+    spec["on_step"] = lambda h: h["step"] % every == 0 and print(
+        f"[warmup] step {h['step']}  loss {h['loss']:.4f}  lr {h['lr']:.2e}  {h['seconds']:.0f}s", flush=True)
+    return train_loop(spec)
 
 
 def _train_with_ray(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:

@@ -1,0 +1,125 @@
+"""The end-to-end job: rounds, base-score reuse, CLI behaviour, selection output, report."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from instructdiff_ray.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory, ray_local, tiny_model, gsm8k):
+    tmp = tmp_path_factory.mktemp("run")
+    config = {
+        "out": str(tmp / "run"),
+        "data": {"paths": [str(gsm8k)], "limit": 1000, "shard_rows": 250},
+        "model": {"base": str(tiny_model)},
+        "warmup": {"alpha": 0.1, "max_steps": 6, "batch_size": 8, "learning_rate": 1e-3},
+        "engine": {"threads": 1},
+        "ray": {"min_actors": 2, "max_actors": 2},
+        "rounds": 2,
+        "progress": "off",
+    }
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--set", "selection.budget=0.1"]) == 0
+    return tmp / "run"
+
+
+def _markers(scores_dir):
+    return [json.loads(p.read_text()) for p in sorted((scores_dir / "_done").glob("*.json"))]
+
+
+def test_two_rounds_reuse_base_scores_and_change_the_selection(two_rounds):
+    r1, r2 = two_rounds / "round-1", two_rounds / "round-2"
+    assert sum(m["base_tokens"] for m in _markers(r1 / "scores")) > 0
+    assert sum(m["base_tokens"] for m in _markers(r2 / "scores")) == 0  # no second base pass
+    assert sum(m["warmup_tokens"] for m in _markers(r2 / "scores")) > 0
+    s1 = pq.read_table(r1 / "scores").sort_by("source_row").to_pydict()
+    s2 = pq.read_table(r2 / "scores").sort_by("source_row").to_pydict()
+    assert s1["base_nll"] == s2["base_nll"] and s1["base_entropy"] == s2["base_entropy"]
+    assert not np.allclose(s1["warmup_nll"], s2["warmup_nll"])
+    ids1 = (r1 / "selection" / "selected_ids.txt").read_text().split()
+    ids2 = (r2 / "selection" / "selected_ids.txt").read_text().split()
+    assert ids1 != ids2 and len(ids1) > 50
+    # round 2's warmup was trained on round 1's selection, starting from the base
+    w2 = json.loads((r2 / "warmup" / "_WARMUP_DONE.json").read_text())
+    assert w2["samples"] == len(ids1)
+    stats = json.loads((r2 / "selection" / "stats.json").read_text())
+    assert stats["rows_total"] == 1000 and stats["trimmed_per_tail"] == 100
+
+
+def test_selected_rows_keep_the_users_fields(two_rounds):
+    lines = (two_rounds / "round-2" / "selection" / "selected.jsonl").read_text().splitlines()
+    ids = (two_rounds / "round-2" / "selection" / "selected_ids.txt").read_text().split()
+    assert len(lines) == len(ids)
+    assert all(set(json.loads(x)) == {"question", "answer"} for x in lines)
+
+
+def test_reselect_with_another_budget_without_rescoring(two_rounds, tmp_path, capsys):
+    out = tmp_path / "sel"
+    code = main(["select", "--scores", str(two_rounds / "round-1" / "scores"), "--out", str(out),
+                 "--budget", "0.2", "--budget-unit", "samples", "--format", "parquet"])
+    assert code == 0
+    rows = pq.read_table(out / "selected.parquet")
+    assert rows.num_rows == 200 and set(rows.column_names) == {"question", "answer"}
+    assert main(["select", "--scores", str(two_rounds / "round-1" / "scores"), "--out", str(tmp_path / "r"),
+                 "--strategy", "random"]) == 0
+
+
+def test_report_plots_decode_and_html_references_every_plot(two_rounds):
+    import matplotlib.image as mpimg
+
+    report = two_rounds / "report"
+    html = (report / "index.html").read_text()
+    pngs = sorted(report.glob("round-*/*.png"))
+    assert len(pngs) == 12
+    for p in pngs:
+        assert p.stat().st_size > 5000
+        img = mpimg.imread(p)
+        assert img.shape[0] > 200 and img.shape[1] > 300
+        assert f'data-name="{p.parent.name}/{p.name}"' in html
+    summary = (report / "summary.md").read_text()
+    assert "## Round 2" in summary and "| ok | 1000 |" in summary
+
+
+def test_status_and_inspect(two_rounds, capsys):
+    assert main(["status", str(two_rounds)]) == 0
+    out = capsys.readouterr().out
+    assert "round-2: stage selected" in out and "shards 4/4 done" in out
+    assert main(["inspect", str(two_rounds), "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lowest 2 by delta_entropy" in out and '"question"' in out
+
+
+def test_config_errors_fail_fast_with_exit_2(tmp_path, gsm8k, capsys):
+    base = ["run", "--data", str(gsm8k), "--base", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main(base + ["--set", "selection.budgett=0.1"]) == 2
+    assert "selection.budgett" in capsys.readouterr().err
+    assert main(base + ["--set", "selection.gamma=0.7"]) == 2
+    assert "selection.gamma" in capsys.readouterr().err
+    assert main(base + ["--set", "selection.strategy=best"]) == 2
+    assert main(["run", "--data", str(tmp_path / "missing.jsonl"), "--base", "x", "--out", "o"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(base + ["--engine", "vllm"]) == 2
+
+
+def test_dry_run_prints_the_plan_without_models(tmp_path, gsm8k, capsys):
+    assert main(["run", "--data", str(gsm8k), "--base", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--limit", "300", "--shard-rows", "100", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["rows"] == 300 and plan["shards"] == 3
+
+
+def test_console_entry_points():
+    out = subprocess.run([sys.executable, "-m", "instructdiff_ray", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "instructdiff-ray" in out.stdout
+    helps = subprocess.run([sys.executable, "-m", "instructdiff_ray", "run", "--help"], capture_output=True, text=True)
+    assert "example" in helps.stdout and "--dry-run" in helps.stdout
