@@ -67,6 +67,8 @@ class RayConfig(_Strict):
     gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 on cuda, 0 on cpu")
     cpus_per_actor: float = Field(1.0, gt=0)
     tokenize_cpus: float = Field(0.25, gt=0, description="CPUs reserved per tokenize/write task")
+    max_restarts: int = Field(3, ge=0, description="times a dead scoring actor is restarted")
+    max_task_retries: int = Field(3, ge=0, description="times a shard is retried on a restarted actor")
 
     @model_validator(mode="after")
     def _sizes(self) -> "RayConfig":

@@ -174,6 +174,8 @@ def score_corpus(
             compute=ray.data.ActorPoolStrategy(min_size=cfg.ray.min_actors, max_size=cfg.ray.max_actors),
             num_cpus=cfg.ray.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor(),
+            max_restarts=cfg.ray.max_restarts,
+            max_task_retries=cfg.ray.max_task_retries,
         )
         ds = ds.map(write_shard, fn_kwargs={"out_dir": out_dir}, num_cpus=cfg.ray.tokenize_cpus)
         for marker in ds.iter_rows():

@@ -134,7 +134,7 @@ class ScoreActor:
         masks = [p["masks"][i] for i in ok]
         cols = {k: np.full(n, np.nan) for k in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy")}
         stats: dict[str, Any] = {"base_tokens": 0, "base_seconds": 0.0, "warmup_tokens": 0, "warmup_seconds": 0.0,
-                                 "actor": f"{socket.gethostname()}:{os.getpid()}"}
+                                 "actor": f"{socket.gethostname()}:{os.getpid()}", "node": _node_id()}
         if self.base_scores_dir:
             self._reuse_base(shard_id, p, cols, status, reason)
             ok = [i for i in ok if status[i] == "ok"]
@@ -191,6 +191,12 @@ class ScoreActor:
                 status[i], reason[i] = prev["status"][i], "base pass (earlier round): " + prev["status"][i]
         cols["base_nll"][:] = np.array(prev["base_nll"], dtype=float)
         cols["base_entropy"][:] = np.array(prev["base_entropy"], dtype=float)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def write_shard(row: dict[str, Any], out_dir: str) -> dict[str, Any]:

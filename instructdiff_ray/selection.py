@@ -57,9 +57,9 @@ def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
         raise FileNotFoundError(f"no score files (*.parquet) in {scores_dir}")
     tables = []
     for path in files:
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    return pa.concat_tables(tables)
+        with fs.open(path, "rb") as f:  # repetitive strings dictionary-encoded: 10M rows stay small
+            tables.append(pq.read_table(f, columns=columns, read_dictionary=["source_file", "status", "reason"]))
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _sorted(table: pa.Table, column: str, order: str) -> np.ndarray:
@@ -93,13 +93,17 @@ def fill_budget(order: np.ndarray, tokens: np.ndarray, budget: int, unit: str) -
 
 
 def _dedupe(ok: pa.Table) -> tuple[pa.Table, int]:
-    """Keep the first occurrence (by source file/row) of each sample_id."""
-    order = pc.sort_indices(ok, sort_keys=[("sample_id", "ascending"), ("source_file", "ascending"), ("source_row", "ascending")])
-    ids = ok.column("sample_id").take(order).to_numpy(zero_copy_only=False)
-    first = np.ones(len(ids), dtype=bool)
-    first[1:] = ids[1:] != ids[:-1]
-    keep = np.sort(order.to_numpy()[first])
-    return ok.take(keep), int((~first).sum())
+    """Keep the first occurrence of each sample_id (rows arrive in shard order, i.e. file/row order;
+    Arrow's sort is stable, so the first of each run of equal ids is the earliest row)."""
+    order = pc.sort_indices(ok, sort_keys=[("sample_id", "ascending")])
+    ids = ok.column("sample_id").take(order)
+    if len(ids) < 2:
+        return ok, 0
+    repeat = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
+    if not repeat.any():
+        return ok, 0
+    first = np.concatenate([[True], ~repeat])
+    return ok.take(np.sort(order.to_numpy()[first])), int(repeat.sum())
 
 
 def _order(scored: pa.Table, keep: np.ndarray, cfg: SelectionConfig) -> np.ndarray:
@@ -127,9 +131,9 @@ def _quantiles(values: np.ndarray) -> dict[str, float | None]:
 
 def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
     """Run one selection strategy over a table of score rows (the scoring output contract)."""
-    status = table.column("status").to_numpy(zero_copy_only=False)
-    counts = {str(k): int(v) for k, v in zip(*np.unique(status, return_counts=True))}
-    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    counts = {str(d["values"]): int(d["counts"]) for d in pc.value_counts(table.column("status").cast(pa.string())).to_pylist()}
+    counts = dict(sorted(counts.items()))
+    ok = table.filter(pc.equal(table.column("status").cast(pa.string()), "ok"))
     finite = np.isfinite(ok.column("delta_nll").to_numpy(zero_copy_only=False).astype(float)) & np.isfinite(
         ok.column("delta_entropy").to_numpy(zero_copy_only=False).astype(float))
     if cfg.strategy in ("instructdiff", "middle_dh", "highest_dh") and not finite.all():
