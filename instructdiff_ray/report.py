@@ -208,7 +208,7 @@ def write_run_report(run_dir: str) -> dict[str, str]:
             f"- selected: **{stats['selected_rows']} rows**, {stats['selected_response_tokens']} response tokens"
             + (f"; ΔH threshold {stats['delta_entropy_threshold']:.4f}" if stats["delta_entropy_threshold"] is not None else ""),
             f"- duplicates dropped: {stats['duplicates_dropped']}",
-            f"- ΔH median all {stats['delta_entropy']['all']['q50']} vs selected {stats['delta_entropy']['selected']['q50']}",
+            f"- ΔH median all {_num(stats['delta_entropy']['all']['q50'])} vs selected {_num(stats['delta_entropy']['selected']['q50'])}",
             f"- scoring: {sc['rows']} rows in {sc['shards_total']} shards ({sc['shards_skipped']} resumed); "
             f"base pass {sc['base_tokens']} tok ({_rate(sc['base_tokens_per_s'])}), warmup pass {sc['warmup_tokens']} tok ({_rate(sc['warmup_tokens_per_s'])})",
             "- timings: " + ", ".join(f"{k2} {v:.1f}" for k2, v in rnd["timings"].items()),
@@ -225,6 +225,10 @@ def write_run_report(run_dir: str) -> dict[str, str]:
     with fs.open(paths["summary"], "w") as f:
         f.write("\n".join(md) + "\n")
     return paths
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _rate(value) -> str:

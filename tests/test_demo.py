@@ -1,0 +1,26 @@
+"""The README's first command, on a prefix of HumanEval to keep CI short (the full demo is the same path)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_command_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-m", "instructdiff_ray", "demo", "--out", str(out), "--limit", "40",
+                          "--progress", "off"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "selected data:" in res.stdout and "HumanEval tasks selected" in res.stdout
+    stats = json.loads((out / "round-1" / "selection" / "stats.json").read_text())
+    assert stats["rows_total"] == 40 and stats["status_counts"] == {"ok": 40}
+    rows = [json.loads(x) for x in (out / "round-1" / "selection" / "selected.jsonl").read_text().splitlines()]
+    assert rows and all(r["task_id"].startswith("HumanEval/") and "canonical_solution" in r for r in rows)
+    assert (out / "report" / "index.html").stat().st_size > 50_000
+    assert Path(out / "round-1" / "warmup" / "adapter" / "adapter_config.json").exists()
