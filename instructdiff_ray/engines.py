@@ -213,7 +213,7 @@ class HFEngine:
         """One padded forward; on OOM or a runtime error split the batch, and a lone failing row is recorded."""
         try:
             sample_nll, sample_ent = self._forward(model, [ids[i] for i in batch], [masks[i] for i in batch])
-        except (torch.OutOfMemoryError, RuntimeError) as err:
+        except (torch.OutOfMemoryError, RuntimeError, IndexError) as err:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(batch) == 1:

@@ -52,13 +52,16 @@ def draw_rows(shards: list[Shard], alpha: float, count: int | None, seed: int) -
 
 def collect_samples(cfg: RunConfig, shards: list[Shard], ordinals: set[int] | None = None,
                     rows: dict[str, set[int]] | None = None) -> list[Sample]:
-    """The ok samples at the given global ordinals, or at (file, row) positions."""
+    """The ok samples at the given global ordinals, or at (file, row) positions; only shards
+    that hold a wanted row are read."""
+    wanted = np.array(sorted(ordinals or ()), dtype=np.int64)
     out, base = [], 0
     for shard in shards:
-        in_shard = ordinals and any(base <= o < base + shard.n_rows for o in ordinals)
-        if in_shard or (rows and shard.path in rows):
+        lo, hi = np.searchsorted(wanted, [base, base + shard.n_rows])
+        if hi > lo or (rows and shard.path in rows):
+            hits = set(wanted[lo:hi].tolist())
             for i, s in enumerate(read_shard(shard, cfg.data)):
-                hit = (base + i) in ordinals if ordinals else s.source_row in rows.get(shard.path, ())
+                hit = (base + i) in hits if ordinals else s.source_row in rows.get(shard.path, ())
                 if hit and s.status == "ok":
                     out.append(s)
         base += shard.n_rows
@@ -244,11 +247,11 @@ def _train_with_ray(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=TrainRunConfig(storage_path=tempfile.mkdtemp(prefix="instructdiff-train-")),
     )
-    result = trainer.fit()
+    trainer.fit()
     with fsspec.open(f"{spec['out_dir'].rstrip('/')}/loss.json", "r") as f:
-        history = json.load(f)
+        history = json.load(f)  # written by rank 0
     return {"steps": len(history), "samples": len(spec["samples"]), "seconds": history[-1]["seconds"] if history else 0.0,
-            "final_loss": float(result.metrics.get("loss", float("nan")))}
+            "final_loss": history[-1]["loss"] if history else float("nan")}
 
 
 def selected_rows(selection_parquet: str) -> dict[str, set[int]]:

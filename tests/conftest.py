@@ -47,14 +47,34 @@ def gsm8k() -> Path:
     return tiny.GSM8K
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray cluster for the session, with room for two 1-CPU actors plus light tasks."""
+    """A local Ray cluster with room for two 1-CPU actors plus light tasks; started on demand, so
+    a module that needs the machine to itself (the multi-node tests) can shut it down."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    return ray
+
+
+def kill_processes_mentioning(marker: str) -> None:
+    """SIGKILL every process whose command line or environment mentions `marker`."""
+    import signal
+
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            env = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd or marker in env:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def make_config(tmp_path, data_paths, base, **sections):

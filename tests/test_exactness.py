@@ -63,3 +63,17 @@ def test_smollm2_matches_float64_on_gsm8k(gsm8k):
     ref = reference_scores(AutoModelForCausalLM.from_pretrained(model_dir), ids, masks)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     assert 0.1 < ref[:, 0].mean() < 5 and 0.1 < ref[:, 1].mean() < 6  # a real model on real text
+
+
+def test_failing_batch_is_split_and_only_the_bad_row_fails(tiny_model, tiny_lora, gsm8k):
+    """A token id beyond the model's vocabulary (a tokenizer/model mismatch) fails the forward."""
+    ids, masks = _tokenized(tiny_model, gsm8k, 12)
+    bad = list(ids)
+    bad[5] = ids[5][:-1] + [100_000]
+    eng = HFEngine(str(tiny_model), str(tiny_lora), EngineSettings(max_batch_size=12, max_batch_tokens=100_000))
+    r = eng.score(bad, masks, "base")
+    assert set(r.errors) == {5} and "IndexError" in r.errors[5]
+    good = [i for i in range(12) if i != 5]
+    ref = reference_scores(AutoModelForCausalLM.from_pretrained(tiny_model), [ids[i] for i in good], [masks[i] for i in good])
+    np.testing.assert_allclose(np.c_[r.nll[good], r.entropy[good]], ref, atol=1e-4, rtol=0)
+    assert np.isnan(r.nll[5])

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_config
+from conftest import kill_processes_mentioning, make_config
 from instructdiff_ray.pipeline import score_corpus
 from instructdiff_ray.scoring import SCHEMA
 
@@ -24,23 +24,6 @@ SCORE_COLS = ["base_nll", "base_entropy", "warmup_nll", "warmup_entropy"]
 
 def _table(out):
     return pq.read_table(out, schema=SCHEMA).sort_by([("source_row", "ascending")]).to_pydict()
-
-
-def _kill_tree_under(marker: str) -> None:
-    """SIGKILL every process whose command line mentions `marker` (the run's own Ray temp dir)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            env = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd or marker in env:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +53,7 @@ def test_driver_sigkill_at_several_points_then_resume(tmp_path, reference, tiny_
         while time.time() < deadline and len(list((out / "_done").glob("*.json"))) < kill_at and proc.poll() is None:
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
-        _kill_tree_under(tag)  # the driver's local Ray (raylet, actors) dies with it
+        kill_processes_mentioning(tag)  # the driver's local Ray (raylet, actors) dies with it
         proc.wait()
         done = {p.stem for p in (out / "_done").glob("*.json")}
         files = {p.stem for p in out.glob("shard-*.parquet")}

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import kill_processes_mentioning
+
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
@@ -25,6 +27,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _node_ports() -> list[str]:
+    """Two nodes on one machine must not share the per-node agent ports (fixed defaults otherwise)."""
+    return ["--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+            "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port())]
+
+
 def _env():
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
@@ -33,15 +41,19 @@ def _env():
 
 @pytest.fixture()
 def cluster(tmp_path):
+    import ray
+
+    ray.shutdown()  # this module drives its own cluster; the session's local one must not linger
     port, dash = _free_port(), _free_port()
-    env = _env()
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay under 108 bytes
+    env = dict(_env(), INSTRUCTDIFF_TEST_TAG=ray_tmp)  # inherited by every process of this cluster
     head = subprocess.run(
         [BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "3", "--dashboard-port", str(dash),
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", ray_tmp],
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", ray_tmp, *_node_ports()],
         env=env, capture_output=True, text=True, timeout=120)
     assert head.returncode == 0, head.stderr[-2000:]
-    worker = subprocess.Popen([BIN / "ray", "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "3", "--block"],
+    worker = subprocess.Popen([BIN / "ray", "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "3", "--block",
+                               *_node_ports()],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -53,9 +65,9 @@ def cluster(tmp_path):
         pytest.fail("the worker node never joined")
     yield {"dashboard": f"http://127.0.0.1:{dash}", "worker": worker, "env": env}
     if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGTERM)
+        os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(timeout=60)
-    subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    kill_processes_mentioning(ray_tmp)  # only this cluster's processes (`ray stop` would kill every Ray here)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -73,7 +85,12 @@ def _submit(cluster, tmp_path, wait=True):
     cmd = [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(tmp_path)]
     cmd += [] if wait else ["--no-wait"]
     cmd += ["--", str(BIN / "python"), "-m", "instructdiff_ray", "run", "job.yaml"]
-    return subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=900)
+    for _ in range(30):  # the dashboard's job agent comes up a little after the node
+        res = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in res.stderr:
+            return res
+        time.sleep(2)
+    return res
 
 
 def _single_process_selection(tmp_path, tiny_model, gsm8k, limit, shard_rows):
