@@ -255,6 +255,8 @@ def run_status(run_dir: str) -> str:
 
     import fsspec
 
+    from .pipeline import finished_markers  # pipeline imports this module for Progress
+
     dirs = _scores_dirs(run_dir)
     if not dirs:
         return f"{run_dir}: no run here yet (no round-*/scores or _manifest.json)"
@@ -269,7 +271,7 @@ def run_status(run_dir: str) -> str:
             continue
         manifest = _read_json(fs, f"{root}/_manifest.json")
         plan = manifest["plan"]
-        markers = [_read_json(fs, p) for p in fs.glob(f"{root}/_done/shard-*.json")]
+        markers = list(finished_markers(sdir).values())
         done_ids = {m["shard_id"] for m in markers}
         interrupted = [p for p in fs.glob(f"{root}/shard-*.parquet") if int(p.rsplit("-", 1)[-1][:5]) not in done_ids]
         rows_total = sum(s["n_rows"] for s in plan)
