@@ -108,7 +108,12 @@ def test_config_errors_fail_fast_with_exit_2(tmp_path, gsm8k, capsys):
     assert main(base + ["--set", "selection.strategy=best"]) == 2
     assert main(["run", "--data", str(tmp_path / "missing.jsonl"), "--base", "x", "--out", "o"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(base + ["--engine", "vllm"]) == 2
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}')
+    assert main(["run", "--data", str(gsm8k), "--base", str(gpt2), "--out", str(tmp_path / "o"), "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "not supported by the vllm engine" in err or "vLLM is not installed" in err
 
 
 def test_dry_run_prints_the_plan_without_models(tmp_path, gsm8k, capsys):

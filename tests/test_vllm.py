@@ -22,7 +22,7 @@ BATCHES = (1, 3, 64)
 def _host(ray, base, warmup, **settings):
     from instructdiff_ray.engines import make_engine
 
-    @ray.remote(num_cpus=2)
+    @ray.remote(num_cpus=1)  # threads=2 below; one logical CPU leaves room for the pipeline tests' tasks
     class EngineHost:
         def __init__(self):
             s = EngineSettings(threads=2, max_model_len=2048, enforce_eager=True, **settings)
