@@ -115,7 +115,6 @@ def bench_pipeline(name: str, model_dir: str, adapter: Path, tmp: str, args) -> 
         "engine": {"name": name, "threads": args.threads, "max_batch_tokens": args.batch_tokens,
                    "max_batch_size": args.batch_size, "max_num_batched_tokens": args.vllm_batched_tokens,
                    "max_num_seqs": args.vllm_seqs, "enforce_eager": not args.vllm_compile},
-        "ray": {"cpus_per_actor": args.threads},
     })
     t = time.perf_counter()
     s = score_corpus(cfg, cfg.out, warmup=str(adapter))

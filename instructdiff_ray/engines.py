@@ -4,6 +4,10 @@
 copy of the base weights serves both passes (adapter disabled for the base pass). Batches are
 length-sorted and packed under a padded-token budget; position ids are passed explicitly so
 results do not depend on the padding side.
+
+`VLLMEngine` is the production GPU engine: the same contract (`score` -> per-sample means and
+per-row errors), computed by the pooling model in vllm_model.py. vLLM is imported lazily, so
+the project works without it.
 """
 
 from __future__ import annotations
@@ -369,8 +373,11 @@ class VLLMEngine:
                 VLLM_CPU_NUM_OF_RESERVED_CPU="0",  # else one of few cores only schedules (1.75x slower on 2 cores)
                 VLLM_CPU_OMP_THREADS_BIND="nobind",  # several actors share a node's cores
             )
-            # Ray sets OMP_NUM_THREADS to the actor's num_cpus; vLLM sizes its torch threads from it
-            os.environ["OMP_NUM_THREADS"] = str(s.threads or os.cpu_count() or 1)
+            # Ray sets OMP_NUM_THREADS to the actor's num_cpus before torch starts, and vLLM keeps
+            # torch's thread count when OMP_NUM_THREADS is set: both must say `threads`.
+            threads = s.threads or os.cpu_count() or 1
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
         for key, value in env.items():
             os.environ.setdefault(key, value)
 
