@@ -391,7 +391,7 @@ class VLLMEngine:
             hf_overrides={"architectures": [VLLM_PREFIX + arch]},
             dtype=self.s.dtype,
             max_model_len=self.s.max_model_len,
-            max_num_batched_tokens=max(self.s.max_num_batched_tokens, 16),
+            max_num_batched_tokens=self.s.max_num_batched_tokens,
             max_num_seqs=self.s.max_num_seqs,
             tensor_parallel_size=self.s.tensor_parallel_size,
             enforce_eager=self.s.enforce_eager,

@@ -7,7 +7,8 @@ requested response tokens, in chunks, with the same fp32 log-softmax as the hf e
 (`metrics.token_logp_entropy`); only two floats per response token leave the device.
 
 The classes are registered with vLLM's model registry from the `vllm.general_plugins` entry point
-(`register`), because vLLM builds the model in its engine-core/worker processes, not in ours.
+(`engines.register_vllm_models`), because vLLM may build the model in its engine-core/worker
+processes, and directly by `engines.VLLMEngine` in the actor's own process.
 Only this module and `engines.VLLMEngine` import vLLM.
 """
 
@@ -21,11 +22,11 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
+from .engines import VLLM_PREFIX
 from .metrics import chunk_positions, token_logp_entropy
 
 # spans = [[first, stop), ...] label positions (token indices whose log-prob is wanted)
 SPANS_KEY = "instructdiff_spans"
-PREFIX = "InstructDiffScore"
 
 
 class TokenScorePooler(Pooler):
@@ -97,7 +98,7 @@ def _scoring_class(base: type) -> type:
         self.pooler = TokenScorePooler(self, vllm_config.model_config.hf_config.vocab_size)
 
     return type(
-        PREFIX + base.__name__,
+        VLLM_PREFIX + base.__name__,
         (base, VllmModelForPooling),
         {"__init__": __init__, "is_pooling_model": True, "default_tok_pooling_type": "ALL", "__module__": __name__},
     )

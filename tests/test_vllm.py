@@ -11,6 +11,7 @@ import pytest
 
 from instructdiff_ray.engines import EngineSettings, HFEngine, mask_spans, resolve_model
 from reference import reference_scores
+from test_exactness import _engine_scores as _hf
 from test_exactness import _tokenized
 
 if not os.environ.get("INSTRUCTDIFF_REQUIRE_VLLM"):
@@ -45,10 +46,11 @@ def _vllm(host, ids, masks, which):
     return scores
 
 
-def _hf(engine, ids, masks, which):
-    r = engine.score(ids, masks, which)
-    assert not r.errors
-    return np.stack([r.nll, r.entropy], axis=1)
+def test_scoring_classes_cover_the_supported_architectures():
+    from instructdiff_ray.engines import VLLM_ARCHITECTURES
+    from instructdiff_ray.vllm_model import SCORING_CLASSES
+
+    assert set(SCORING_CLASSES) == set(VLLM_ARCHITECTURES)
 
 
 def test_mask_spans():
