@@ -1,8 +1,9 @@
 """Command line: `instructdiff <command>` (also `python -m instructdiff_ray`).
 
 Every command takes a YAML config and/or flags; flags and `--set key=value` override the
-YAML. Exit codes: 0 success, 1 runtime failure, 2 bad configuration, 3 output directory
-holds a different configuration.
+YAML. Exit codes: 0 success, 1 runtime failure (including more failed rows than
+run.max_error_fraction allows), 2 bad configuration, 3 output directory holds a different
+configuration, 4 another driver holds the run directory's lease.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from . import __version__
 from .config import ConfigError, RunConfig, load_config, parse_overrides
 from .selection import STRATEGIES
 
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_MISMATCH = 0, 1, 2, 3
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_MISMATCH, EXIT_LEASE = 0, 1, 2, 3, 4
 
 # flag dest -> dotted config key
 FLAG_KEYS = {
@@ -97,11 +98,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .pipeline import check_config, score_corpus
+    from .pipeline import check_config, score_job
 
     cfg = config_from_args(args)
     check_config(cfg)
-    summary = score_corpus(cfg, cfg.out, warmup=cfg.model.warmup)
+    summary = score_job(cfg)
     print(json.dumps(summary.to_dict(), indent=2))
     return EXIT_OK
 
@@ -144,13 +145,15 @@ def plan_summary(cfg: RunConfig) -> dict[str, Any]:
 def cmd_warmup(args: argparse.Namespace) -> int:
     from .corpus import plan_shards
     from .pipeline import check_config
+    from .rundir import Lease
     from .warmup import collect_samples, draw_rows, train_warmup
 
     cfg = config_from_args(args)
     check_config(cfg)
     shards = plan_shards(cfg.data)
     samples = collect_samples(cfg, shards, ordinals=draw_rows(shards, cfg.warmup.alpha, cfg.warmup.count, cfg.warmup.seed))
-    result = train_warmup(cfg, samples, cfg.out)
+    with Lease(cfg.out, cfg.run.lease_ttl_s):
+        result = train_warmup(cfg, samples, cfg.out)
     print(json.dumps(result.__dict__, indent=2))
     return EXIT_OK
 
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .pipeline import FingerprintMismatch
+    from .rundir import FingerprintMismatch, LeaseHeld
 
     try:
         return args.func(args)
@@ -302,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     except FingerprintMismatch as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_MISMATCH
+    except LeaseHeld as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_LEASE
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAIL

@@ -115,6 +115,18 @@ class SelectionConfig(_Strict):
     output_format: Literal["auto", "jsonl", "parquet"] = "auto"
 
 
+class RunOptions(_Strict):
+    """How the job guards its run directory."""
+
+    max_error_fraction: float = Field(
+        0.05, ge=0, le=1,
+        description="fail (exit 1, after writing everything) when more of the rows end in error/template_error/nonfinite",
+    )
+    lease_ttl_s: float = Field(
+        120.0, gt=0, description="a driver's lease on the run directory expires this long after its last heartbeat"
+    )
+
+
 class RunConfig(_Strict):
     out: str = Field(description="run directory (local path or s3://...)")
     data: DataConfig
@@ -125,6 +137,7 @@ class RunConfig(_Strict):
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     rounds: int = Field(1, ge=1, le=10)
+    run: RunOptions = Field(default_factory=RunOptions)
     progress: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")

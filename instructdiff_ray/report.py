@@ -1,57 +1,8 @@
-"""Report stage: progress lines while work runs, and the summary a user reads afterwards."""
+"""Report stage: the summary a user reads afterwards (plots, HTML, summary.md), status and inspect."""
 
 from __future__ import annotations
 
-import sys
-import time
-
-
-def progress_enabled(mode: str) -> bool:
-    return mode == "on" or (mode == "auto" and sys.stderr.isatty())
-
-
-class Progress:
-    """Rows/tokens per second and an ETA for a stage with a known total.
-
-    On a terminal it prints a line per update; elsewhere (CI, log files) at most one line
-    per `quiet_every` seconds plus the final line, so logs stay short.
-    """
-
-    def __init__(self, label: str, total: int, mode: str = "auto", quiet_every: float = 30.0):
-        self.label, self.total = label, max(total, 1)
-        self.tty = progress_enabled(mode)
-        self.off = mode == "off"
-        self.quiet_every = quiet_every
-        self.done = self.tokens = 0
-        self.start = self.last = time.monotonic()
-
-    def update(self, rows: int, tokens: int = 0, extra: str = "") -> None:
-        self.done += rows
-        self.tokens += tokens
-        now = time.monotonic()
-        final = self.done >= self.total
-        if self.off or not (self.tty or final or now - self.last >= self.quiet_every):
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 and not final else 0.0
-        line = (
-            f"[{self.label}] {self.done}/{self.total} rows ({100 * self.done / self.total:.0f}%)  "
-            f"{rate:.1f} rows/s  {self.tokens / elapsed:.0f} tok/s  elapsed {elapsed:.0f}s  eta {eta:.0f}s"
-        )
-        print(line + (f"  {extra}" if extra else ""), file=sys.stderr, flush=True)
-
-    def note(self, message: str) -> None:
-        if not self.off:
-            print(f"[{self.label}] {message}", file=sys.stderr, flush=True)
-
-
-def _read_json(fs, path: str):
-    import json
-
-    with fs.open(path, "r") as f:
-        return json.load(f)
+from . import rundir
 
 
 def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict[str, bytes]:
@@ -167,31 +118,26 @@ def write_run_report(run_dir: str) -> dict[str, str]:
     import base64
     import html
 
-    import fsspec
+    import pyarrow.parquet as pq
 
     from .selection import load_scores
 
-    fs, root = fsspec.core.url_to_fs(run_dir)
-    root = root.rstrip("/")
-    summary = _read_json(fs, f"{root}/_run_summary.json")
-    fs.makedirs(f"{root}/report", exist_ok=True)
+    summary = rundir.read_run_summary(run_dir)
     sections, md = [], [f"# InstructDiff run summary\n\nRun directory: `{run_dir}`  \nWall time: {summary['wall_seconds']:.1f} s\n"]
     for rnd in summary["rounds"]:
         k = rnd["round"]
-        rdir = f"{root}/round-{k}"
-        scores = _Scores(load_scores(f"{rdir}/scores"))
-        import pyarrow.parquet as pq
-
-        with fs.open(f"{rdir}/selection/selection.parquet", "rb") as f:
+        rdir = rundir.round_dir(run_dir, k)
+        scores = _Scores(load_scores(rundir.join(rdir, "scores")))
+        fs, sel_path = rundir.fs_of(rnd["paths"]["scores"])
+        with fs.open(sel_path, "rb") as f:
             sel = pq.read_table(f, columns=["sample_id"]).to_pydict()
-        loss = _read_json(fs, f"{rdir}/warmup/loss.json") if fs.exists(f"{rdir}/warmup/loss.json") else None
+        loss_url = rundir.join(rdir, "warmup", "loss.json")
+        loss = rundir.read_json(loss_url) if rundir.exists(loss_url) else None
         stats = rnd["selection"]
         figs = _plots(scores, sel, stats, loss)
-        fs.makedirs(f"{root}/report/round-{k}", exist_ok=True)
         imgs = []
         for name, data in figs.items():
-            with fs.open(f"{root}/report/round-{k}/{name}.png", "wb") as f:
-                f.write(data)
+            rundir.write_bytes(rundir.join(run_dir, "report", f"round-{k}", f"{name}.png"), data)
             b64 = base64.b64encode(data).decode()
             imgs.append(f'<figure><img alt="{name}" data-name="round-{k}/{name}.png" src="data:image/png;base64,{b64}">'
                         f"<figcaption>{name}</figcaption></figure>")
@@ -219,11 +165,9 @@ def write_run_report(run_dir: str) -> dict[str, str]:
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>InstructDiff run report</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}figure{margin:1em 0}</style>"
             f"</head><body><h1>InstructDiff run report</h1><p>{html.escape(run_dir)}</p>{''.join(sections)}</body></html>")
-    paths = {"html": f"{root}/report/index.html", "summary": f"{root}/report/summary.md"}
-    with fs.open(paths["html"], "w") as f:
-        f.write(page)
-    with fs.open(paths["summary"], "w") as f:
-        f.write("\n".join(md) + "\n")
+    paths = {"html": rundir.join(run_dir, "report", "index.html"), "summary": rundir.join(run_dir, "report", "summary.md")}
+    rundir.write_bytes(paths["html"], page.encode("utf-8"))
+    rundir.write_bytes(paths["summary"], ("\n".join(md) + "\n").encode("utf-8"))
     return paths
 
 
@@ -237,43 +181,35 @@ def _rate(value) -> str:
 
 def _scores_dirs(run_dir: str) -> list[tuple[str, str]]:
     """(label, scores dir) for a run directory (every round) or a bare scores directory."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(run_dir)
-    root = root.rstrip("/")
-    if fs.exists(f"{root}/_manifest.json"):
+    if rundir.is_scores_dir(run_dir):
         return [("scores", run_dir)]
-    rounds = sorted(fs.glob(f"{root}/round-*"), key=lambda p: int(p.rsplit("-", 1)[-1]))
-    prefix = run_dir.split("://")[0] + "://" if "://" in run_dir else ""
-    return [(p.rsplit("/", 1)[-1], f"{prefix}{p}/scores") for p in rounds]
+    return [(r.rsplit("/", 1)[-1], rundir.join(r, "scores")) for r in rundir.round_dirs(run_dir)]
 
 
 def run_status(run_dir: str) -> str:
-    """A one-screen status: stage, shards done/pending/interrupted, rows per status, speed, ETA."""
+    """A one-screen status: lease holder, stage, shards done/pending/interrupted, rows per status, speed, ETA."""
     import json
     import time
-
-    import fsspec
-
-    from .pipeline import finished_markers  # pipeline imports this module for Progress
 
     dirs = _scores_dirs(run_dir)
     if not dirs:
         return f"{run_dir}: no run here yet (no round-*/scores or _manifest.json)"
     out = [f"run: {run_dir}"]
+    lease = rundir.Lease(run_dir, ttl_s=0)._read()
+    if lease:
+        alive = time.time() - float(lease.get("heartbeat_at", 0)) <= float(lease.get("ttl_s", 0))
+        out.append(f"driver: {'running' if alive else 'gone (lease expired)'}, {rundir.Lease.describe(lease)}")
     for label, sdir in dirs:
-        fs, root = fsspec.core.url_to_fs(sdir)
-        root = root.rstrip("/")
-        rdir = root.rsplit("/", 1)[0]
-        warm = "done" if fs.exists(f"{rdir}/warmup/_WARMUP_DONE.json") else ("given" if label != "scores" else "-")
-        if not fs.exists(f"{root}/_manifest.json"):
+        rdir = sdir.rsplit("/", 1)[0]
+        warm = "done" if rundir.warmup_stamp(rundir.join(rdir, "warmup")) else ("given" if label != "scores" else "-")
+        if not rundir.is_scores_dir(sdir):
             out.append(f"{label}: warmup {warm}; scoring not started")
             continue
-        manifest = _read_json(fs, f"{root}/_manifest.json")
+        manifest = rundir.read_manifest(sdir)
         plan = manifest["plan"]
-        markers = list(finished_markers(sdir).values())
+        markers = list(rundir.finished_markers(sdir).values())
         done_ids = {m["shard_id"] for m in markers}
-        interrupted = [p for p in fs.glob(f"{root}/shard-*.parquet") if int(p.rsplit("-", 1)[-1][:5]) not in done_ids]
+        interrupted = rundir.unmarked_shard_files(sdir, done_ids)
         rows_total = sum(s["n_rows"] for s in plan)
         rows_done = sum(m["rows"] for m in markers)
         counts: dict[str, int] = {}
@@ -285,8 +221,8 @@ def run_status(run_dir: str) -> str:
         elapsed = (max(m["finished_at"] for m in markers) - manifest["created_at"]) if markers else 0
         rate = rows_done / elapsed if elapsed > 0 else 0
         eta = (rows_total - rows_done) / rate if rate else None
-        selected = fs.exists(f"{rdir}/selection/stats.json")
-        stage = "selected" if selected else ("scoring" if len(done_ids) < len(plan) else "scored")
+        commit = rundir.committed_selection(rundir.join(rdir, "selection"))
+        stage = "selected" if commit else ("scoring" if len(done_ids) < len(plan) else "scored")
         out.append(
             f"{label}: stage {stage}; warmup {warm}; shards {len(done_ids)}/{len(plan)} done, "
             f"{len(plan) - len(done_ids)} pending, {len(interrupted)} interrupted; rows {rows_done}/{rows_total}"
@@ -294,8 +230,8 @@ def run_status(run_dir: str) -> str:
         out.append("  rows per status: " + json.dumps(dict(sorted(counts.items()))))
         out.append(f"  tokens scored: {tokens}" + (f" ({tokens / secs:.0f} tok/s in model passes)" if secs else "")
                    + (f"; eta {eta:.0f} s" if eta and rows_done < rows_total else ""))
-        if selected:
-            st = _read_json(fs, f"{rdir}/selection/stats.json")
+        if commit:
+            st = rundir.read_json(commit["paths"]["stats"])
             out.append(f"  selection: {st['selected_rows']} rows, {st['selected_response_tokens']} response tokens ({st['strategy']})")
     out.append(f"(as of {time.strftime('%Y-%m-%d %H:%M:%S')})")
     return "\n".join(out)
@@ -305,7 +241,6 @@ def inspect_run(run_dir: str, n: int = 5, round_k: int | None = None) -> str:
     """Top and bottom samples by ΔH and by ΔNLL, with their text and whether they were selected."""
     import json
 
-    import fsspec
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -318,10 +253,10 @@ def inspect_run(run_dir: str, n: int = 5, round_k: int | None = None) -> str:
     label, sdir = dirs[-1] if round_k is None else dirs[round_k - 1]
     table = load_scores(sdir)
     ok = table.filter(pc.equal(table.column("status"), "ok"))
-    fs, root = fsspec.core.url_to_fs(sdir)
-    sel_path = root.rstrip("/").rsplit("/", 1)[0] + "/selection/selection.parquet"
+    commit = rundir.committed_selection(rundir.join(sdir.rsplit("/", 1)[0], "selection"))
     selected: set[str] = set()
-    if fs.exists(sel_path):
+    if commit:
+        fs, sel_path = rundir.fs_of(commit["paths"]["scores"])
         with fs.open(sel_path, "rb") as f:
             selected = set(pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist())
     out = [f"{label}: {ok.num_rows} scored rows ({len(selected)} selected)"]

@@ -2,20 +2,25 @@
 
 1. `tokenize_shard` (CPU task): read + normalise + template + tokenize one shard.
 2. `ScoreActor` (actor pool, GPU or CPU): both model passes over the shard's ok rows.
-3. `write_shard` (CPU task): the shard's Parquet file, written atomically, then its marker.
+3. `write_shard` (CPU task): the shard's Parquet file, then its marker (rundir.write_shard_output).
 
-A shard is finished exactly when its marker `_done/shard-NNNNN.json` exists; the marker
-holds the shard's counts, so status and resume never read the score files themselves.
+A shard is finished exactly when its marker exists; the marker holds the shard's counts, so
+status and resume never read the score files themselves.
+
+Failures: a fault that poisons the process (EngineFault: a CUDA error, a dead vLLM engine, the
+same error on every row) ends the actor, and Ray restarts it and retries the shard
+(`ray.max_restarts`, `ray.max_task_retries`); only a row that fails alone becomes `error`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import socket
+import sys
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -24,9 +29,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import rundir
 from .config import RunConfig
 from .corpus import Shard, read_shard
-from .template import tokenize_samples
+from .template import TEMPLATE_ERROR, tokenize_samples
+
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema(
     [
@@ -49,14 +57,8 @@ SCHEMA = pa.schema(
 SCORE_ERROR = "error"
 NONFINITE = "nonfinite"
 QUARANTINE_STATUSES = {"malformed_json", "invalid_utf8"}
-
-
-def shard_name(shard_id: int) -> str:
-    return f"shard-{shard_id:05d}"
-
-
-def join(*parts: str) -> str:
-    return "/".join(p.rstrip("/") for p in parts)
+# Statuses that count against `run.max_error_fraction` (the others are properties of the data).
+ERROR_STATUSES = {SCORE_ERROR, TEMPLATE_ERROR, NONFINITE}
 
 
 def tokenize_shard(row: dict[str, Any], cfg: RunConfig, tokenizer_dir: str) -> dict[str, Any]:
@@ -118,10 +120,18 @@ class ScoreActor:
         self.engine = make_engine(cfg.engine.name, base_dir, warmup, settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from .engines import EngineFault
+
         out: dict[str, list] = {"shard_id": [], "payload": [], "stats": []}
         for shard_id, blob in zip(batch["shard_id"], batch["payload"]):
             payload = pickle.loads(blob)
-            table, stats = self.score_payload(int(shard_id), payload)
+            try:
+                table, stats = self.score_payload(int(shard_id), payload)
+            except EngineFault as err:
+                # The process is poisoned: end it so that Ray restarts the actor and retries the shard.
+                print(f"[score] {socket.gethostname()}:{os.getpid()} systemic fault on {rundir.shard_name(int(shard_id))}: "
+                      f"{err}; ending this actor so Ray restarts it", file=sys.stderr, flush=True)
+                os._exit(70)
             out["shard_id"].append(int(shard_id))
             out["payload"].append(pickle.dumps({"table": table, "quarantine": payload["quarantine"]}))
             out["stats"].append(json.dumps(stats))
@@ -183,7 +193,7 @@ class ScoreActor:
         return table, stats
 
     def _reuse_base(self, shard_id, p, cols, status, reason) -> None:
-        path = join(self.base_scores_dir, shard_name(shard_id) + ".parquet")
+        path = rundir.shard_file(self.base_scores_dir, shard_id)
         with fsspec.open(path, "rb") as f:
             prev = pq.read_table(f, columns=["sample_id", "source_row", "base_nll", "base_entropy", "status"]).to_pydict()
         if prev["source_row"] != [m[2] for m in p["meta"]]:
@@ -202,36 +212,20 @@ def _node_id() -> str:
 
 
 def write_shard(row: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    """CPU task: write the shard file atomically, then its completion marker; return the marker."""
+    """CPU task: commit the shard's file and then its marker; return the marker."""
     shard_id = int(row["shard_id"])
     data = pickle.loads(row["payload"])
     table: pa.Table = data["table"]
-    stats = json.loads(row["stats"])
-    fs, root = fsspec.core.url_to_fs(out_dir)
-    name = shard_name(shard_id)
-    final = join(root, name + ".parquet")
-    tmp = join(root, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, final)
-    if data["quarantine"]:
-        fs.makedirs(join(root, "_quarantine"), exist_ok=True)
-        with fs.open(join(root, "_quarantine", name + ".jsonl"), "w") as f:
-            for q in data["quarantine"]:
-                f.write(json.dumps(q, ensure_ascii=False) + "\n")
     statuses = Counter(table.column("status").to_pylist())
-    tokens = int(np.sum(table.column("n_prompt_tokens").to_numpy()) + np.sum(table.column("n_response_tokens").to_numpy()))
+    n_resp = int(np.sum(table.column("n_response_tokens").to_numpy()))
     marker = {
         "shard_id": shard_id,
         "rows": table.num_rows,
         "status_counts": dict(statuses),
-        "tokens": tokens,
-        "response_tokens": int(np.sum(table.column("n_response_tokens").to_numpy())),
+        "tokens": int(np.sum(table.column("n_prompt_tokens").to_numpy())) + n_resp,
+        "response_tokens": n_resp,
         "finished_at": time.time(),
-        **stats,
+        **json.loads(row["stats"]),
     }
-    fs.makedirs(join(root, "_done"), exist_ok=True)
-    with fs.open(join(root, "_done", name + ".json"), "w") as f:
-        f.write(json.dumps(marker))
+    rundir.write_shard_output(out_dir, shard_id, table, data["quarantine"], marker)
     return marker

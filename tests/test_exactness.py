@@ -65,15 +65,50 @@ def test_smollm2_matches_float64_on_gsm8k(gsm8k):
     assert 0.1 < ref[:, 0].mean() < 5 and 0.1 < ref[:, 1].mean() < 6  # a real model on real text
 
 
-def test_failing_batch_is_split_and_only_the_bad_row_fails(tiny_model, tiny_lora, gsm8k):
-    """A token id beyond the model's vocabulary (a tokenizer/model mismatch) fails the forward."""
+def test_out_of_vocabulary_ids_are_refused_before_the_forward(tiny_model, tiny_lora, gsm8k):
+    """A token id beyond the model's vocabulary (a tokenizer/model mismatch) is that row's error."""
     ids, masks = _tokenized(tiny_model, gsm8k, 12)
     bad = list(ids)
     bad[5] = ids[5][:-1] + [100_000]
     eng = HFEngine(str(tiny_model), str(tiny_lora), EngineSettings(max_batch_size=12, max_batch_tokens=100_000))
     r = eng.score(bad, masks, "base")
-    assert set(r.errors) == {5} and "IndexError" in r.errors[5]
+    assert r.errors == {5: "ValueError: token id 100000 outside the vocabulary (size 512)"}
     good = [i for i in range(12) if i != 5]
     ref = reference_scores(AutoModelForCausalLM.from_pretrained(tiny_model), [ids[i] for i in good], [masks[i] for i in good])
     np.testing.assert_allclose(np.c_[r.nll[good], r.entropy[good]], ref, atol=1e-4, rtol=0)
     assert np.isnan(r.nll[5])
+
+
+def test_a_row_that_fails_alone_is_split_out_and_only_it_fails(tiny_model, tiny_lora, gsm8k, monkeypatch):
+    from instructdiff_ray.faults import ids_digest
+
+    ids, masks = _tokenized(tiny_model, gsm8k, 12)
+    monkeypatch.setenv("INSTRUCTDIFF_FAULT", f"engine.poison_row:{ids_digest(ids[7])}")
+    eng = HFEngine(str(tiny_model), str(tiny_lora), EngineSettings(max_batch_size=12, max_batch_tokens=100_000))
+    r = eng.score(ids, masks, "warmup")
+    assert r.errors == {7: "RuntimeError: injected fault: poisoned row"}
+    good = [i for i in range(12) if i != 7]
+    assert np.isfinite(r.nll[good]).all() and np.isnan(r.nll[7])
+
+
+def test_systemic_faults_raise_instead_of_marking_rows(tiny_model, tiny_lora, gsm8k, monkeypatch, tmp_path):
+    """A CUDA error, or one error on every row of a batch, is the process's fault: EngineFault."""
+    from instructdiff_ray import faults
+    from instructdiff_ray.engines import EngineFault, run_split
+
+    ids, masks = _tokenized(tiny_model, gsm8k, 6)
+    eng = HFEngine(str(tiny_model), str(tiny_lora), EngineSettings(max_batch_size=3, max_batch_tokens=100_000))
+    monkeypatch.setenv("INSTRUCTDIFF_FAULT", f"engine.cuda_error:{tmp_path / 'claim'}")
+    monkeypatch.setattr(faults, "_claimed", {})
+    with pytest.raises(EngineFault, match="CUDA error"):
+        eng.score(ids, masks, "base")
+    monkeypatch.delenv("INSTRUCTDIFF_FAULT")
+
+    def always(rows):
+        raise ValueError("engine is wedged")
+
+    errors: dict[int, str] = {}
+    with pytest.raises(EngineFault, match="the same error on every row of a batch of 2"):
+        run_split([0, 1, 2, 3], always, errors)
+    lone: dict[int, str] = {}
+    assert run_split([4], always, lone) == 0 and lone == {4: "ValueError: engine is wedged"}

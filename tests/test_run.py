@@ -51,7 +51,7 @@ def test_two_rounds_reuse_base_scores_and_change_the_selection(two_rounds):
     assert ids1 != ids2 and len(ids1) > 50
     # round 2's warmup was trained on round 1's selection, starting from the base
     w2 = json.loads((r2 / "warmup" / "_WARMUP_DONE.json").read_text())
-    assert w2["samples"] == len(ids1)
+    assert w2["result"]["samples"] == len(ids1) and w2["fingerprint"]["rows"]["count"] == len(ids1)
     stats = json.loads((r2 / "selection" / "stats.json").read_text())
     assert stats["rows_total"] == 1000 and stats["trimmed_per_tail"] == 100
 

@@ -1,0 +1,45 @@
+"""Progress lines while long work runs: rows/s, tok/s and an ETA, sparse outside a terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .runtime import progress_enabled
+
+
+class Progress:
+    """Rows/tokens per second and an ETA for a stage with a known total.
+
+    On a terminal it prints a line per update; elsewhere (CI, log files) at most one line
+    per `quiet_every` seconds plus the final line, so logs stay short.
+    """
+
+    def __init__(self, label: str, total: int, mode: str = "auto", quiet_every: float = 30.0):
+        self.label, self.total = label, max(total, 1)
+        self.tty = progress_enabled(mode)
+        self.off = mode == "off"
+        self.quiet_every = quiet_every
+        self.done = self.tokens = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, rows: int, tokens: int = 0, extra: str = "") -> None:
+        self.done += rows
+        self.tokens += tokens
+        now = time.monotonic()
+        final = self.done >= self.total
+        if self.off or not (self.tty or final or now - self.last >= self.quiet_every):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 and not final else 0.0
+        line = (
+            f"[{self.label}] {self.done}/{self.total} rows ({100 * self.done / self.total:.0f}%)  "
+            f"{rate:.1f} rows/s  {self.tokens / elapsed:.0f} tok/s  elapsed {elapsed:.0f}s  eta {eta:.0f}s"
+        )
+        print(line + (f"  {extra}" if extra else ""), file=sys.stderr, flush=True)
+
+    def note(self, message: str) -> None:
+        if not self.off:
+            print(f"[{self.label}] {message}", file=sys.stderr, flush=True)
