@@ -96,7 +96,9 @@ def engine_faults(batch_ids: list[list[int]]) -> None:
     if claim:
         if claim not in _claimed:
             try:
-                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
                 _claimed[claim] = True
             except FileExistsError:
                 _claimed[claim] = False

@@ -142,27 +142,23 @@ class ScoreActor:
         status = list(p["status"])
         reason = list(p["reason"])
         ok = [i for i in range(n) if status[i] == "ok"]
-        ids = [p["ids"][i] for i in ok]
-        masks = [p["masks"][i] for i in ok]
         cols = {k: np.full(n, np.nan) for k in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy")}
         stats: dict[str, Any] = {"base_tokens": 0, "base_seconds": 0.0, "warmup_tokens": 0, "warmup_seconds": 0.0,
                                  "actor": f"{socket.gethostname()}:{os.getpid()}", "node": _node_id()}
         if self.base_scores_dir:
             self._reuse_base(shard_id, p, cols, status, reason)
-            ok = [i for i in ok if status[i] == "ok"]
-            ids = [p["ids"][i] for i in ok]
-            masks = [p["masks"][i] for i in ok]
         passes = ["warmup"] if self.base_scores_dir else ["base", "warmup"]
         if not self.engine.has_warmup:
             passes = [q for q in passes if q == "base"]
         for which in passes:
-            res = self.engine.score(ids, masks, which)
-            cols[f"{which}_nll"][ok] = res.nll
-            cols[f"{which}_entropy"][ok] = res.entropy
+            run = [i for i in ok if status[i] == "ok"]  # a row that failed the base pass is not run again
+            res = self.engine.score([p["ids"][i] for i in run], [p["masks"][i] for i in run], which)
+            cols[f"{which}_nll"][run] = res.nll
+            cols[f"{which}_entropy"][run] = res.entropy
             stats[f"{which}_tokens"] += res.tokens
             stats[f"{which}_seconds"] += res.seconds
             for j, msg in res.errors.items():
-                status[ok[j]], reason[ok[j]] = SCORE_ERROR, f"{which} pass: {msg}"
+                status[run[j]], reason[run[j]] = SCORE_ERROR, f"{which} pass: {msg}"
         delta_nll = cols["base_nll"] - cols["warmup_nll"]
         delta_ent = cols["base_entropy"] - cols["warmup_entropy"]
         for i in ok:

