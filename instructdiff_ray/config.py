@@ -88,7 +88,15 @@ class RayConfig(_Strict):
         return self
 
 
+# Warmup presets: values a preset sets unless the config gives them explicitly.
+WARMUP_PRESETS: dict[str, dict[str, Any]] = {
+    "lora": {},  # the defaults below: a LoRA adapter, 1 epoch at lr 2e-4
+    "paper": {"method": "full", "epochs": 3.0, "learning_rate": 2e-5},  # full fine-tuning as in the paper
+}
+
+
 class WarmupConfig(_Strict):
+    preset: Literal["lora", "paper"] = Field("lora", description="lora (default) or paper: full fine-tuning, 3 epochs, lr 2e-5")
     alpha: float = Field(0.1, gt=0, lt=1, description="fraction of the corpus drawn for warmup")
     count: int | None = Field(None, ge=1, description="absolute number of warmup samples (overrides alpha)")
     seed: int = 0
@@ -104,6 +112,13 @@ class WarmupConfig(_Strict):
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     num_workers: int = Field(1, ge=1, description=">1 trains data-parallel with Ray Train")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in WARMUP_PRESETS:
+            return {**WARMUP_PRESETS[data["preset"]], **data}
+        return data
 
 
 class SelectionConfig(_Strict):

@@ -8,6 +8,7 @@ never resized, so base and warmup always share it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -37,6 +38,9 @@ class WarmupResult:
     steps: int
     seconds: float
     final_loss: float
+    global_batch: int = 0  # samples per optimizer step: batch_size x workers x grad_accum
+    workers: int = 1
+    rank_divergence: float = 0.0  # max |difference| of per-tensor weight sums between workers (0: identical)
 
     @property
     def scoring_model(self) -> str:
@@ -68,14 +72,39 @@ def collect_samples(cfg: RunConfig, shards: list[Shard], ordinals: set[int] | No
     return out
 
 
-def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def global_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's global batches: a seeded shuffle cut into full batches (the tail that does not
+    fill one is dropped, so every worker runs the same number of micro-batches)."""
     order = list(range(n))
     random.Random(seed * 1000 + epoch).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return [order[i : i + global_batch] for i in range(0, n - global_batch + 1, global_batch)]
 
 
-def _loss(model, ids: list[list[int]], masks: list[list[bool]], device) -> torch.Tensor:
-    """Mean cross-entropy over response tokens only; LM head applied at response positions."""
+class ResponseLoss(torch.nn.Module):
+    """The causal LM wrapped so that its whole loss runs inside `forward`, which is what
+    DistributedDataParallel synchronises; the LM head (and the architecture's logit transform,
+    as in scoring) is applied only at response positions.
+
+    Returns the SUM of the response-token cross-entropies, in fp32: the caller divides by the
+    response tokens of the whole global batch."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, inp: torch.Tensor, attn: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        from .metrics import logit_transform
+
+        hidden = self.lm.get_decoder()(input_ids=inp, attention_mask=attn).last_hidden_state
+        rows, cols = target.nonzero(as_tuple=True)  # token (row, col) is predicted from (row, col - 1)
+        logits = self.lm.get_output_embeddings()(hidden[rows, cols - 1])
+        post = logit_transform(self.lm.config)
+        if post:
+            logits = post(logits)
+        return torch.nn.functional.cross_entropy(logits.float(), inp[rows, cols], reduction="sum")
+
+
+def _tensors(ids: list[list[int]], masks: list[list[bool]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(x) for x in ids)
     inp = torch.zeros((len(ids), width), dtype=torch.long)
     attn = torch.zeros_like(inp)
@@ -84,16 +113,27 @@ def _loss(model, ids: list[list[int]], masks: list[list[bool]], device) -> torch
         inp[r, : len(x)] = torch.tensor(x)
         attn[r, : len(x)] = 1
         target[r, : len(x)] = torch.tensor(m)
-    inp, attn, target = inp.to(device), attn.to(device), target.to(device)
-    core = model.module if hasattr(model, "module") else model
-    hidden = core.get_decoder()(input_ids=inp, attention_mask=attn).last_hidden_state
-    rows, cols = target.nonzero(as_tuple=True)
-    logits = core.get_output_embeddings()(hidden[rows, cols - 1]).float()
-    return torch.nn.functional.cross_entropy(logits, inp[rows, cols])
+    return inp.to(device), attn.to(device), target.to(device)
+
+
+def response_loss(model, ids: list[list[int]], masks: list[list[bool]], device) -> torch.Tensor:
+    """Mean cross-entropy over the response tokens of a batch (what one training step minimises)."""
+    with torch.no_grad():
+        total = ResponseLoss(model)(*_tensors(ids, masks, device))
+    return total / sum(sum(m) for m in masks)
+
+
+def _param_checksum(module: torch.nn.Module) -> torch.Tensor:
+    return torch.stack([p.detach().double().sum() for p in module.parameters() if p.requires_grad])
 
 
 def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
-    """The training loop; runs as a plain call or as a Ray Train worker (DDP when world > 1)."""
+    """The training loop; runs as a plain call or as a Ray Train worker (DDP when world > 1).
+
+    A step consumes one global batch of batch_size × workers × grad_accum samples: worker r runs
+    micro-batches r, r + workers, ... of it, each loss is the micro-batch's summed cross-entropy
+    divided by the response tokens of the whole global batch (times the world size, which DDP's
+    gradient averaging divides out), so N workers take the step one process would take."""
     from transformers import AutoModelForCausalLM
 
     from .engines import DTYPES, load_tokenizer
@@ -102,65 +142,97 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
     cfg: RunConfig = spec["cfg"]
     w = cfg.warmup
     world, rank, report = 1, 0, spec.get("on_step")
-    if spec.get("ray_train"):
+    ray_train = bool(spec.get("ray_train"))
+    if ray_train:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         world, rank = ctx.get_world_size(), ctx.get_world_rank()
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cuda" if cfg.resolved_device() == "cuda" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(w.seed)
-    device = torch.device("cuda" if cfg.resolved_device() == "cuda" and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(cfg.torch_threads())  # Ray sets OMP_NUM_THREADS to the task's CPUs
     tok = load_tokenizer(spec["base_dir"])
     toks = [t for t in tokenize_samples(spec["samples"], cfg.template, tok) if t.status == "ok"]
     if not toks:
         raise ValueError("no warmup sample survived templating (all empty or over max_length)")
-    dtype = DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(spec["base_dir"], dtype=dtype).to(device)
+    global_batch = w.batch_size * world * w.grad_accum
+    if len(toks) < global_batch:
+        raise ValueError(f"{len(toks)} warmup samples cannot fill one global batch of {global_batch} "
+                         f"(batch_size {w.batch_size} x {world} workers x grad_accum {w.grad_accum}); lower batch_size")
+    low = DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32
+    # Full fine-tuning keeps fp32 master weights and optimizer state and runs the forward in the
+    # model dtype under autocast; LoRA keeps the frozen base in the model dtype (peft makes the adapters fp32).
+    model = AutoModelForCausalLM.from_pretrained(spec["base_dir"], dtype=low if w.method == "lora" else torch.float32)
+    model = model.to(device)
     if w.method == "lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=w.lora_r, lora_alpha=w.lora_alpha, lora_dropout=w.lora_dropout,
                                                  target_modules=w.target_modules, task_type="CAUSAL_LM"))
-    if spec.get("ray_train"):
-        model = ray.train.torch.prepare_model(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    loss_module: torch.nn.Module = ResponseLoss(model)
+    if ray_train:
+        loss_module = ray.train.torch.prepare_model(loss_module)  # DDP over the whole loss when world > 1
+    loss_module.train()
+    autocast = torch.autocast(device.type, dtype=low, enabled=device.type == "cuda" and low != torch.float32)
+    params = [p for p in loss_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=w.learning_rate, weight_decay=w.weight_decay)
-    per_step = w.batch_size * w.grad_accum * world
-    steps = w.max_steps or max(1, math.ceil(w.epochs * len(toks) / per_step))
+    per_epoch = len(toks) // global_batch
+    steps = w.max_steps or max(1, math.ceil(w.epochs * per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+    if rank == 0:
+        print(f"[warmup] {len(toks)} samples, {steps} steps of a global batch of {global_batch} "
+              f"({w.batch_size} per micro-batch x {world} workers x {w.grad_accum} accumulation)", flush=True)
     history, step, epoch = [], 0, 0
     t0 = time.monotonic()
     while step < steps:
-        batches = _batches(len(toks), w.batch_size, w.seed, epoch)[rank::world]
-        epoch += 1
-        for i in range(0, len(batches) - w.grad_accum + 1, w.grad_accum):
-            total = 0.0
-            for b in batches[i : i + w.grad_accum]:
-                loss = _loss(model, [toks[j].input_ids for j in b], [toks[j].response_mask for j in b], device)
-                (loss / w.grad_accum).backward()
-                total += loss.item() / w.grad_accum
+        for batch in global_batches(len(toks), global_batch, w.seed, epoch):
+            micro = [batch[i : i + w.batch_size] for i in range(0, global_batch, w.batch_size)][rank::world]
+            n_tokens = sum(toks[j].n_response_tokens for j in batch)
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for k, b in enumerate(micro):
+                sync = contextlib.nullcontext()
+                if k < len(micro) - 1 and hasattr(loss_module, "no_sync"):
+                    sync = loss_module.no_sync()  # all-reduce once per step, after the last micro-batch
+                with sync:
+                    with autocast:
+                        loss_sum = loss_module(*_tensors([toks[j].input_ids for j in b],
+                                                         [toks[j].response_mask for j in b], device))
+                    (loss_sum * world / n_tokens).backward()
+                total += loss_sum.detach().double()
+            if world > 1:
+                torch.distributed.all_reduce(total)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            history.append({"step": step, "loss": total, "lr": sched.get_last_lr()[0], "seconds": time.monotonic() - t0})
+            history.append({"step": step, "loss": total.item() / n_tokens, "lr": sched.get_last_lr()[0],
+                            "seconds": time.monotonic() - t0})
             if report and rank == 0:
                 report(history[-1])
-            if spec.get("ray_train"):
-                ray.train.report({"loss": total, "step": step})
+            if ray_train:
+                ray.train.report({"loss": history[-1]["loss"], "step": step})
             if step >= steps:
                 break
+        epoch += 1
+    divergence = 0.0
+    if world > 1:  # every worker must hold the same weights; measured, not assumed
+        mine = _param_checksum(loss_module)
+        gathered = [torch.zeros_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(gathered, mine)
+        divergence = max(float((g - gathered[0]).abs().max()) for g in gathered)
     merged_digest = None
     if rank == 0:
-        core = model.module if hasattr(model, "module") else model
-        merged_digest = _save(core, tok, spec["out_dir"], history, lora=w.method == "lora")
-    if spec.get("ray_train"):
-        ray.train.report({"step": step, "merged_digest": merged_digest or ""})  # every rank reports; rank 0's is kept
+        core = loss_module.module if hasattr(loss_module, "module") else loss_module
+        merged_digest = _save(core.lm, tok, spec["out_dir"], history, lora=w.method == "lora")
+    if ray_train:
+        ray.train.report({"step": step, "merged_digest": merged_digest or "", "rank_divergence": divergence})
     return {"steps": step, "samples": len(toks), "seconds": time.monotonic() - t0, "merged_digest": merged_digest,
+            "global_batch": global_batch, "rank_divergence": divergence,
             "final_loss": history[-1]["loss"] if history else float("nan")}
 
 
@@ -232,7 +304,11 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
         adapter_dir=f"{out_dir.rstrip('/')}/adapter" if cfg.warmup.method == "lora" else None,
         merged_dir=f"{out_dir.rstrip('/')}/merged",
         samples=stats["samples"], steps=stats["steps"], seconds=stats["seconds"], final_loss=stats["final_loss"],
+        global_batch=stats["global_batch"], workers=cfg.warmup.num_workers, rank_divergence=stats["rank_divergence"],
     )
+    if result.rank_divergence != 0.0:
+        raise RuntimeError(f"warmup workers ended with different weights (divergence {result.rank_divergence}); "
+                           "gradients were not synchronised")
     rundir.write_warmup_stamp(out_dir, {"result": asdict(result), "fingerprint": fp, "merged_digest": stats["merged_digest"]})
     return result
 
@@ -273,8 +349,10 @@ def _train_with_ray(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
         run_config=TrainRunConfig(storage_path=tempfile.mkdtemp(prefix="instructdiff-train-")),
     )
     fit = trainer.fit()
+    metrics = fit.metrics or {}
     with fsspec.open(f"{spec['out_dir'].rstrip('/')}/loss.json", "r") as f:
         history = json.load(f)  # written by rank 0
+    w = cfg.warmup
     return {"steps": len(history), "samples": len(spec["samples"]), "seconds": history[-1]["seconds"] if history else 0.0,
-            "final_loss": history[-1]["loss"] if history else float("nan"),
-            "merged_digest": (fit.metrics or {}).get("merged_digest")}
+            "final_loss": history[-1]["loss"] if history else float("nan"), "merged_digest": metrics.get("merged_digest"),
+            "global_batch": w.batch_size * w.num_workers * w.grad_accum, "rank_divergence": metrics.get("rank_divergence", 0.0)}

@@ -144,19 +144,3 @@ def test_outputs_read_with_pandas_polars_duckdb_and_datasets(two_rounds):
     assert ds.num_rows == 1000 and "delta_entropy" in ds.column_names
     sel = datasets.load_dataset("json", data_files=str(two_rounds / "round-1" / "selection" / "selected.jsonl"), split="train")
     assert sel.column_names == ["question", "answer"]
-
-
-def test_warmup_with_ray_train_two_workers(tmp_path, ray_local, tiny_model, gsm8k):
-    from conftest import make_config
-    from instructdiff_ray.corpus import plan_shards
-    from instructdiff_ray.warmup import collect_samples, draw_rows, train_warmup
-
-    cfg = make_config(tmp_path, [gsm8k], tiny_model, data={"limit": 200},
-                      warmup={"num_workers": 2, "count": 32, "max_steps": 3, "batch_size": 4})
-    shards = plan_shards(cfg.data)
-    samples = collect_samples(cfg, shards, ordinals=draw_rows(shards, 0.1, 32, 0))
-    result = train_warmup(cfg, samples, str(tmp_path / "warm"))
-    assert result.steps == 3 and np.isfinite(result.final_loss)
-    assert (tmp_path / "warm" / "adapter" / "adapter_config.json").exists()
-    assert (tmp_path / "warm" / "merged" / "config.json").exists()
-    assert len(json.loads((tmp_path / "warm" / "loss.json").read_text())) == 3

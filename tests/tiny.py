@@ -96,3 +96,24 @@ def build_full_warmup(base: Path, out: Path, seed: int = 2) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
+
+
+def build_tiny_gemma2(out: Path, softcap: float = 3.0, seed: int = 0) -> Path:
+    """A tiny Gemma-2 on the same tokenizer: its final logit soft-capping is a logit transform
+    that training and scoring must both apply."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, final_logit_softcapping=softcap,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():  # logits well beyond the cap, so the soft-capping changes the numbers
+        model.lm_head.weight.mul_(40)
+    model.save_pretrained(out)
+    return out
