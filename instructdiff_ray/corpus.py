@@ -230,8 +230,10 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "messages": {"messages": ("messages",)},
     "sharegpt": {"messages": ("conversations",)},
 }
+# ShareGPT exports name the assistant after the product that answered (chatgpt, bing, bard).
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                "model": "assistant", "bot": "assistant", "system": "system", "tool": "tool"}
+                "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "bing": "assistant",
+                "bard": "assistant", "system": "system", "tool": "tool"}
 
 
 def _detect(rec: dict[str, Any]) -> str | None:

@@ -61,22 +61,56 @@ def _as_messages(sample: Sample) -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": sample.response}]
 
 
+def _sentinel(i: int, texts: list[str]) -> str:
+    """A marker that no message contains, standing in for assistant turn i while rendering."""
+    for salt in range(100):
+        mark = f"\u27e6instructdiff-{salt}-{i}\u27e7"
+        if not any(mark in t for t in texts):
+            return mark
+    raise ValueError("cannot build a marker absent from the conversation")
+
+
+def chat_spans(messages: list[dict[str, str]], tokenizer) -> tuple[str, list[tuple[int, int]]] | str:
+    """The rendered conversation and the character span of every assistant turn's content, by
+    construction: the template is rendered once with each assistant content replaced by a unique
+    marker, which gives the template's own text around every turn; the real rendering must equal
+    that text with the contents put back (as given, or trimmed, as many templates do), so each
+    span is known exactly. Anything else (a template that rewrites content) is an error string,
+    never a guess."""
+    contents = [m["content"] for m in messages]
+    marks = {i: _sentinel(i, contents) for i, m in enumerate(messages) if m["role"] == "assistant"}
+    masked = [{**m, "content": marks[i]} if i in marks else m for i, m in enumerate(messages)]
+    skeleton = tokenizer.apply_chat_template(masked, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    for variant in (lambda c: c, str.strip):
+        pieces, spans, cursor, out = [], [], 0, 0
+        ok = True
+        for i, mark in marks.items():
+            at = skeleton.find(mark, cursor)
+            if at < 0 or skeleton.find(mark, at + 1) >= 0:
+                ok = False
+                break
+            fixed = skeleton[cursor:at]
+            content = variant(messages[i]["content"])
+            pieces += [fixed, content]
+            out += len(fixed)
+            spans.append((out, out + len(content)))
+            out += len(content)
+            cursor = at + len(mark)
+        if ok and "".join(pieces) + skeleton[cursor:] == text:
+            return text, spans
+    return "the chat template renders an assistant turn differently from its content; its span cannot be located exactly"
+
+
 def render(sample: Sample, cfg: TemplateConfig, tokenizer) -> tuple[str, list[tuple[int, int]], bool] | str:
     """(text, response char spans, add_special_tokens) or an error string."""
     if cfg.kind == "chat":
         if not getattr(tokenizer, "chat_template", None):
             return "tokenizer has no chat template"
-        messages = _as_messages(sample)
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        spans, cursor = [], 0
-        for m in messages:
-            content = m["content"] if m["content"] in text[cursor:] else m["content"].strip()
-            at = text.find(content, cursor)
-            if at < 0:
-                return f"chat template does not render the {m['role']} turn verbatim"
-            if m["role"] == "assistant":
-                spans.append((at, at + len(content)))
-            cursor = at + len(content)
+        located = chat_spans(_as_messages(sample), tokenizer)
+        if isinstance(located, str):
+            return located
+        text, spans = located
         return text, spans, False
     pair = _as_pair(sample)
     if isinstance(pair, str):

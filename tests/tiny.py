@@ -117,3 +117,28 @@ def build_tiny_gemma2(out: Path, softcap: float = 3.0, seed: int = 0) -> Path:
         model.lm_head.weight.mul_(40)
     model.save_pretrained(out)
     return out
+
+
+QWEN2_TOKENIZER = SHARED_DATA / "qwen2_tokenizer"
+SHAREGPT = SHARED_DATA / "sharegpt_2k.jsonl"
+
+
+def build_tiny_qwen2(out: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2 on the real Qwen2 tokenizer (152k vocabulary, the DeepSeek-R1-Distill
+    chat template): the LM head is large, as real models' are; head_dim 64 for vLLM."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
+    tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=152_128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(out)
+    return out
