@@ -51,6 +51,7 @@ class ScoreSummary:
         d = {k: v for k, v in self.__dict__.items() if k != "markers"}
         d["base_tokens_per_s"] = self.base_tokens / self.base_seconds if self.base_seconds else None
         d["warmup_tokens_per_s"] = self.warmup_tokens / self.warmup_seconds if self.warmup_seconds else None
+        d["too_long_share"] = self.status_counts.get("too_long", 0) / self.rows if self.rows else 0.0
         return d
 
 
@@ -148,6 +149,10 @@ def score_corpus(
                 f"are finished and kept; scoring actors are restarted at most ray.max_restarts={cfg.ray.max_restarts} "
                 "times after a systemic fault; rerun the same command to resume)") from err
     summary = summarize(out_dir, shards, len(shards) - len(pending), time.monotonic() - t0)
+    note = length_note(summary, cfg.template.max_length)
+    if note:
+        log.warning(note)
+        progress.note(note)
     check_error_fraction(summary, cfg.run.max_error_fraction, out_dir)
     return summary
 
@@ -195,13 +200,48 @@ def summarize(out_dir: str, shards: list[Shard], skipped: int, wall: float) -> S
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Config-time checks that need the file system but no model (planning the shards)."""
+    """Config-time checks that need the file system but no model weights: the shard plan, and
+    for a local model directory its context length and (template.kind=chat) its chat template."""
     try:
         plan_shards(cfg.data)
     except ConfigError:
         raise
     except Exception as err:  # unreadable file, permission, bad parquet
         raise ConfigError(f"data.paths: cannot plan shards: {err}") from err
+    check_model_fits_template(cfg)
+
+
+def check_model_fits_template(cfg: RunConfig) -> None:
+    import json
+    from pathlib import Path
+
+    base = Path(cfg.model.base)
+    if not (base / "config.json").is_file():
+        return  # built-in, GGUF and remote models are checked where they are resolved
+    config = json.loads((base / "config.json").read_text())
+    context = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    if context and cfg.template.max_length > context:
+        raise ConfigError(f"template.max_length={cfg.template.max_length} exceeds the context length of "
+                          f"model.base ({context} positions); lower template.max_length")
+    if cfg.template.kind == "chat":
+        from .engines import load_tokenizer
+
+        if not getattr(load_tokenizer(str(base)), "chat_template", None):
+            raise ConfigError(f"template.kind=chat but the tokenizer of {base} has no chat template; "
+                              "use template.kind=alpaca or raw, or a model that ships one")
+
+
+LENGTH_SKIP_WARN = 0.01  # a larger share of rows skipped for length biases the selection toward short samples
+
+
+def length_note(summary: ScoreSummary, max_length: int) -> str | None:
+    """A warning when many rows were skipped for length (template.length_policy=skip)."""
+    n = summary.status_counts.get("too_long", 0)
+    if not summary.rows or n / summary.rows <= LENGTH_SKIP_WARN:
+        return None
+    return (f"warning: {n} of {summary.rows} rows ({100 * n / summary.rows:.1f}%) are longer than "
+            f"template.max_length={max_length} and were not scored, so the selection leans toward "
+            "short samples; raise template.max_length or set template.length_policy=truncate")
 
 
 def score_job(cfg: RunConfig) -> ScoreSummary:

@@ -154,6 +154,7 @@ def write_run_report(run_dir: str) -> dict[str, str]:
             f"- selected: **{stats['selected_rows']} rows**, {stats['selected_response_tokens']} response tokens"
             + (f"; ΔH threshold {stats['delta_entropy_threshold']:.4f}" if stats["delta_entropy_threshold"] is not None else ""),
             f"- duplicates dropped: {stats['duplicates_dropped']}",
+            _length_line(stats["status_counts"], stats["rows_total"]),
             f"- ΔH median all {_num(stats['delta_entropy']['all']['q50'])} vs selected {_num(stats['delta_entropy']['selected']['q50'])}",
             f"- scoring: {sc['rows']} rows in {sc['shards_total']} shards ({sc['shards_skipped']} resumed); "
             f"base pass {sc['base_tokens']} tok ({_rate(sc['base_tokens_per_s'])}), warmup pass {sc['warmup_tokens']} tok ({_rate(sc['warmup_tokens_per_s'])})",
@@ -169,6 +170,13 @@ def write_run_report(run_dir: str) -> dict[str, str]:
     rundir.write_bytes(paths["html"], page.encode("utf-8"))
     rundir.write_bytes(paths["summary"], ("\n".join(md) + "\n").encode("utf-8"))
     return paths
+
+
+def _length_line(counts: dict[str, int], total: int) -> str:
+    n = counts.get("too_long", 0)
+    share = n / total if total else 0.0
+    flag = " **(over 1%: the selection leans toward short samples)**" if share > 0.01 else ""
+    return f"- rows skipped for length (too_long): {n} ({100 * share:.1f}%){flag}"
 
 
 def _num(value) -> str:

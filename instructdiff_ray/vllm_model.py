@@ -30,7 +30,7 @@ SPANS_KEY = "instructdiff_spans"
 
 
 class TokenScorePooler(Pooler):
-    """Pooler for `token_classify`: returns an fp32 [n_targets, 2] tensor per request,
+    """Pooler for `token_classify`: returns a float64 [n_targets, 2] tensor per request,
     column 0 = log p(token), column 1 = entropy of the distribution that predicted it.
 
     Chunked prefill delivers a request's hidden states over several steps; each step scores the

@@ -47,6 +47,12 @@ def tiny_full_warmup(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_model(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 on the real Qwen2 tokenizer (152k vocabulary)."""
+    return tiny.build_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "model")
+
+
+@pytest.fixture(scope="session")
 def gsm8k() -> Path:
     if not tiny.GSM8K.exists():
         pytest.fail(f"{tiny.GSM8K} is missing: the shared corpora must sit beside the checkout")

@@ -15,14 +15,18 @@ from instructdiff_ray.template import alpaca_prompt, tokenize_samples
 from reference import reference_scores
 
 
-@pytest.fixture(scope="session")
-def qwen2_model(tmp_path_factory):
-    return tiny.build_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "model")
-
-
 @pytest.fixture(scope="module")
 def qwen2_tok():
     return load_tokenizer(str(tiny.QWEN2_TOKENIZER))
+
+
+def qwen2_rows(model_dir, n_alpaca: int, n_chat: int) -> tuple[list[list[int]], list[list[bool]]]:
+    """Token ids and response masks of GSM8K rows (Alpaca) and ShareGPT conversations (chat)."""
+    tok = load_tokenizer(str(model_dir))
+    toks = tokenize_samples(_gsm(n_alpaca), TemplateConfig(), tok)
+    chat = [t for t in tokenize_samples(_sharegpt(40), TemplateConfig(kind="chat", max_length=384), tok) if t.status == "ok"]
+    toks += chat[:n_chat]
+    return [t.input_ids for t in toks], [t.response_mask for t in toks]
 
 
 def _gsm(n):

@@ -88,6 +88,7 @@ def test_report_plots_decode_and_html_references_every_plot(two_rounds):
         assert f'data-name="{p.parent.name}/{p.name}"' in html
     summary = (report / "summary.md").read_text()
     assert "## Round 2" in summary and "| ok | 1000 |" in summary
+    assert "- rows skipped for length (too_long): 0 (0.0%)" in summary
 
 
 def test_status_and_inspect(two_rounds, capsys):
@@ -114,6 +115,33 @@ def test_config_errors_fail_fast_with_exit_2(tmp_path, gsm8k, capsys):
     assert main(["run", "--data", str(gsm8k), "--base", str(gpt2), "--out", str(tmp_path / "o"), "--engine", "vllm"]) == 2
     err = capsys.readouterr().err
     assert "not supported by the vllm engine" in err or "vLLM is not installed" in err
+
+
+def test_model_dependent_config_errors_fail_before_any_model_loads(tmp_path, gsm8k, tiny_model, capsys):
+    import shutil
+
+    args = ["run", "--data", str(gsm8k), "--out", str(tmp_path / "o"), "--dry-run"]
+    assert main(args + ["--base", str(tiny_model), "--max-length", "5000"]) == 2
+    assert "exceeds the context length of model.base (4096 positions)" in capsys.readouterr().err
+    plain = tmp_path / "no-chat-template"
+    shutil.copytree(tiny_model, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    conf = json.loads((plain / "tokenizer_config.json").read_text())
+    conf.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(conf))
+    assert main(args + ["--base", str(plain), "--template", "chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    assert main(args + ["--base", str(tiny_model), "--template", "chat"]) == 0
+
+
+def test_many_rows_over_max_length_warn():
+    from instructdiff_ray.pipeline import ScoreSummary, length_note
+
+    many = ScoreSummary("o", 1, 0, 1000, {"ok": 980, "too_long": 20}, 0, 0, 0.0, 0.0, 0.0)
+    few = ScoreSummary("o", 1, 0, 1000, {"ok": 995, "too_long": 5}, 0, 0, 0.0, 0.0, 0.0)
+    note = length_note(many, 512)
+    assert note and "20 of 1000 rows (2.0%)" in note and "template.max_length=512" in note
+    assert length_note(few, 512) is None and many.to_dict()["too_long_share"] == 0.02
 
 
 def test_dry_run_prints_the_plan_without_models(tmp_path, gsm8k, capsys):

@@ -35,7 +35,7 @@ def test_alpaca_response_span_starts_at_separator(tiny_model):
     assert t.input_ids[0] == tok.bos_token_id and not t.response_mask[0]
     assert t.n_response_tokens == sum(t.response_mask) and t.n_prompt_tokens + t.n_response_tokens == len(t.input_ids)
     decoded = tok.decode([i for i, m in zip(t.input_ids, t.response_mask) if m])
-    assert decoded == "\nIt is 5."  # the separator is scored, as in the authors' code
+    assert decoded == "\nIt is 5."  # this tokenizer keeps "\n" apart, so the separator is scored (authors: same)
 
 
 def test_chat_template_scores_every_assistant_turn_only(tiny_model):

@@ -117,6 +117,25 @@ def test_full_warmup_model_as_second_engine(ray_local, tiny_model, tiny_full_war
     np.testing.assert_allclose(got, _hf(hf, ids, masks, "warmup"), atol=1e-4, rtol=0)
 
 
+def test_qwen2_on_its_152k_vocabulary_equals_float64_alpaca_and_chat(ray_local, qwen2_model):
+    """A tiny Qwen2 on the real Qwen2 tokenizer: 6 GSM8K rows (Alpaca) and 4 ShareGPT conversations
+    (its chat template), scored by the vllm engine, equal float64 and the hf engine."""
+    from transformers import AutoModelForCausalLM
+
+    from test_real_tokenizers import qwen2_rows
+
+    ids, masks = qwen2_rows(qwen2_model, 6, 4)
+    host = _host(ray_local, qwen2_model, None, max_num_batched_tokens=256, max_num_seqs=16, passes=("base",))
+    try:
+        got = _vllm(host, ids, masks, "base")
+    finally:
+        ray_local.kill(host)
+    ref = reference_scores(AutoModelForCausalLM.from_pretrained(qwen2_model), ids, masks)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    hf = HFEngine(str(qwen2_model), None, EngineSettings(max_batch_size=10, max_batch_tokens=100_000))
+    np.testing.assert_allclose(_hf(hf, ids, masks, "base"), ref, atol=1e-4, rtol=0)
+
+
 @pytest.mark.slow
 def test_smollm2_vllm_equals_hf(ray_local, gsm8k, tmp_path_factory):
     """SmolLM2-135M (a real pretrained model) with a LoRA warmup, batches of 1, 3 and 64."""
