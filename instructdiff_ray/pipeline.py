@@ -18,7 +18,7 @@ from .config import ConfigError, RunConfig
 from .corpus import Shard, plan_shards
 from .progress import Progress
 from .rundir import FingerprintMismatch, LeaseHeld, join, round_dir
-from .runtime import code_version, environment, init_ray
+from .runtime import code_version, environment, gpus_per_actor, init_ray
 from .scoring import ERROR_STATUSES, ScoreActor, tokenize_shard, write_shard
 
 log = logging.getLogger(__name__)
@@ -76,18 +76,19 @@ def file_fingerprint(url: str) -> dict[str, Any]:
 
 
 def fingerprint(
-    cfg: RunConfig, shards: list[Shard], base_dir: str, warmup: str | None, base_scores_dir: str | None
+    cfg: RunConfig, shards: list[Shard], base: str, warmup: str | None, base_scores_dir: str | None
 ) -> dict[str, Any]:
-    """Everything that changes the numbers in a score file (not batch sizes or actor counts)."""
-    from .engines import model_digest
+    """Everything that changes the numbers in a score file (not batch sizes or actor counts);
+    `base` and `warmup` are pinned model specs (a Hub model by its commit)."""
+    from .models import identity
 
     code = code_version()
     return {
         "data": cfg.data.model_dump(exclude={"paths"}),
         "files": [file_fingerprint(p) for p in sorted({s.path for s in shards})],
         "template": cfg.template.model_dump(),
-        "base_model": model_digest(base_dir),
-        "warmup_model": model_digest(warmup) if warmup else None,
+        "base_model": identity(base),
+        "warmup_model": identity(warmup) if warmup else None,
         "dtype": cfg.model.dtype,
         "engine": cfg.engine.name,
         "base_scores_from": base_scores_dir,
@@ -112,13 +113,13 @@ def score_corpus(
     import ray.data
     from ray.exceptions import RayError
 
-    from .engines import resolve_model
+    from .models import pin
 
     t0 = time.monotonic()
-    base_dir = resolve_model(cfg.model.base)
-    warmup = resolve_model(warmup) if warmup else None
+    base = pin(cfg.model.base)  # every node loads the same commit of a Hub model
+    warmup = pin(warmup) if warmup else None
     shards = plan_shards(cfg.data)
-    fp = fingerprint(cfg, shards, base_dir, warmup, base_scores_dir)
+    fp = fingerprint(cfg, shards, base, warmup, base_scores_dir)
     pending = prepare_out_dir(out_dir, fp, shards)
     progress = Progress(label, sum(s.n_rows for s in shards), cfg.progress)
     progress.update(sum(s.n_rows for s in shards if s not in pending))
@@ -127,14 +128,14 @@ def score_corpus(
     if pending:
         init_ray(cfg)
         ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
-        ds = ds.map(tokenize_shard, fn_kwargs={"cfg": cfg, "tokenizer_dir": base_dir}, num_cpus=cfg.ray.tokenize_cpus)
+        ds = ds.map(tokenize_shard, fn_kwargs={"cfg": cfg, "tokenizer": base}, num_cpus=cfg.ray.tokenize_cpus)
         ds = ds.map_batches(
             ScoreActor,
-            fn_constructor_kwargs={"cfg": cfg, "base_dir": base_dir, "warmup": warmup, "base_scores_dir": base_scores_dir},
+            fn_constructor_kwargs={"cfg": cfg, "base": base, "warmup": warmup, "base_scores_dir": base_scores_dir},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=cfg.ray.min_actors, max_size=cfg.ray.max_actors),
             num_cpus=cfg.ray.cpus_per_actor,
-            num_gpus=cfg.gpus_per_actor(),
+            num_gpus=gpus_per_actor(cfg),
             max_restarts=cfg.ray.max_restarts,
             max_task_retries=cfg.ray.max_task_retries,
         )
@@ -212,23 +213,35 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def check_model_fits_template(cfg: RunConfig) -> None:
+    """Against the base model's config and tokenizer (Hub and object-store models bring only
+    those files to the driver, never weights)."""
     import json
     from pathlib import Path
 
-    base = Path(cfg.model.base)
+    from .models import ModelNotFound, kind, load_tokenizer, resolve_model
+
+    for name in ("base", "warmup"):
+        spec = getattr(cfg.model, name)
+        if spec and kind(spec) == "gguf" and not Path(spec).is_file():
+            raise ConfigError(f"model.{name}: {spec} does not exist")
+        if spec and kind(spec) == "local" and not Path(spec).exists():
+            raise ConfigError(f"model.{name}: {spec} does not exist")
+    if kind(cfg.model.base) in ("builtin", "gguf"):
+        return  # converted where they are loaded
+    try:
+        base = Path(resolve_model(cfg.model.base, tokenizer_only=True))
+    except ModelNotFound as err:
+        raise ConfigError(f"model.base: {err}") from None
     if not (base / "config.json").is_file():
-        return  # built-in, GGUF and remote models are checked where they are resolved
+        raise ConfigError(f"model.base: {cfg.model.base} has no config.json")
     config = json.loads((base / "config.json").read_text())
     context = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
     if context and cfg.template.max_length > context:
         raise ConfigError(f"template.max_length={cfg.template.max_length} exceeds the context length of "
                           f"model.base ({context} positions); lower template.max_length")
-    if cfg.template.kind == "chat":
-        from .engines import load_tokenizer
-
-        if not getattr(load_tokenizer(str(base)), "chat_template", None):
-            raise ConfigError(f"template.kind=chat but the tokenizer of {base} has no chat template; "
-                              "use template.kind=alpaca or raw, or a model that ships one")
+    if cfg.template.kind == "chat" and not getattr(load_tokenizer(str(base)), "chat_template", None):
+        raise ConfigError(f"template.kind=chat but the tokenizer of {cfg.model.base} has no chat template; "
+                          "use template.kind=alpaca or raw, or a model that ships one")
 
 
 LENGTH_SKIP_WARN = 0.01  # a larger share of rows skipped for length biases the selection toward short samples
@@ -246,6 +259,7 @@ def length_note(summary: ScoreSummary, max_length: int) -> str | None:
 
 def score_job(cfg: RunConfig) -> ScoreSummary:
     """`instructdiff score`: one scores directory (`cfg.out`) under the run directory's lease."""
+    init_ray(cfg)  # attaches first: a multi-node cluster refuses local paths before anything is written
     with rundir.Lease(cfg.out, cfg.run.lease_ttl_s):
         return score_corpus(cfg, cfg.out, warmup=cfg.model.warmup)
 
@@ -257,6 +271,7 @@ def run_job(cfg: RunConfig) -> dict[str, Any]:
     k−1's selection, scores only the warmup pass and reuses round 1's base columns. The driver
     holds the run directory's lease throughout.
     """
+    init_ray(cfg)  # attaches first: a multi-node cluster refuses local paths before anything is written
     with rundir.Lease(cfg.out, cfg.run.lease_ttl_s) as lease:
         return _run_rounds(cfg, lease)
 

@@ -419,10 +419,10 @@ def write_warmup_stamp(warmup_dir: str, stamp: dict[str, Any]) -> None:
     write_json(join(warmup_dir, WARMUP_STAMP), stamp, indent=2)
 
 
-def merged_digest_ok(merged_dir: str, model_digest_fn) -> bool:
+def merged_digest_ok(merged_url: str, digest_of_copy: str) -> bool:
     """A warmup's merged/ is trusted only when its digest equals the one its stamp recorded."""
-    stamp = warmup_stamp(merged_dir.rstrip("/").rsplit("/", 1)[0])
-    return bool(stamp and stamp.get("merged_digest") and stamp["merged_digest"] == model_digest_fn(merged_dir))
+    stamp = warmup_stamp(merged_url.rstrip("/").rsplit("/", 1)[0])
+    return bool(stamp and stamp.get("merged_digest") and stamp["merged_digest"] == digest_of_copy)
 
 
 # ---------------------------------------------------------------- selection commit

@@ -29,6 +29,7 @@ def init_ray(cfg: RunConfig) -> None:
     import ray
 
     if ray.is_initialized():
+        check_paths_for_cluster(cfg)
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     quiet = not progress_enabled(cfg.progress)
@@ -43,12 +44,68 @@ def init_ray(cfg: RunConfig) -> None:
         # otherwise a pool that claims every core starves them and the job never progresses.
         need = math.ceil(cfg.ray.max_actors * cfg.ray.cpus_per_actor + 2 * cfg.ray.tokenize_cpus)
         ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need), **kwargs)
+    check_paths_for_cluster(cfg)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def cluster_offers_gpus() -> bool:
+    """GPUs on a node of the cluster now, or in a node type its autoscaler may add."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return True
+    try:
+        return (ray._private.state.state.get_max_resources_from_cluster_config() or {}).get("GPU", 0) > 0
+    except Exception:  # noqa: BLE001 - no autoscaler, or an older Ray without the call
+        return False
+
+
+def gpus_per_actor(cfg: RunConfig) -> float:
+    """GPUs a scoring actor or training worker asks for: `ray.gpus_per_actor`, else 1 when the
+    cluster offers GPUs (decided from the cluster, not from the driver's own device, so a CPU
+    head still asks for GPU workers), else 0. Call after init_ray."""
+    if cfg.ray.gpus_per_actor is not None:
+        return cfg.ray.gpus_per_actor
+    if cfg.model.device == "cpu":
+        return 0.0
+    if not cluster_offers_gpus():
+        return 0.0
+    return float(cfg.engine.tensor_parallel_size) if cfg.engine.name == "vllm" else 1.0
+
+
+def _is_multi_node() -> bool:
+    import ray
+
+    if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        return True
+    try:
+        return ray._private.state.state.get_cluster_config() is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def check_paths_for_cluster(cfg: RunConfig) -> None:
+    """On a cluster whose nodes share no disk, every path a remote process reads or writes must be
+    in object storage (or a Hub id): refuse local ones before any model loads."""
+    from .config import ConfigError
+    from .models import kind
+
+    if cfg.ray.shared_filesystem or not _is_multi_node():
+        return
+    local = [("out", cfg.out)] if "://" not in cfg.out else []
+    local += [("data.paths", p) for p in cfg.data.paths if "://" not in p]
+    local += [(f"model.{k}", v) for k, v in (("base", cfg.model.base), ("warmup", cfg.model.warmup))
+              if v and kind(v) in ("local", "gguf")]
+    if local:
+        setting, path = local[0]
+        raise ConfigError(f"{setting}: {path} is a local path, but this Ray cluster has several nodes that share no disk; "
+                          "use s3:// or gs:// (models: also a Hugging Face Hub id), or set ray.shared_filesystem: true "
+                          "if every node mounts the same filesystem")
 
 
 @functools.lru_cache(maxsize=1)

@@ -61,13 +61,12 @@ QUARANTINE_STATUSES = {"malformed_json", "invalid_utf8"}
 ERROR_STATUSES = {SCORE_ERROR, TEMPLATE_ERROR, NONFINITE}
 
 
-def tokenize_shard(row: dict[str, Any], cfg: RunConfig, tokenizer_dir: str) -> dict[str, Any]:
-    """CPU task: one shard spec in, one row with the tokenized shard (pickled) out."""
-    from .engines import load_tokenizer
-
+def tokenize_shard(row: dict[str, Any], cfg: RunConfig, tokenizer: str) -> dict[str, Any]:
+    """CPU task: one shard spec in, one row with the tokenized shard (pickled) out. The tokenizer
+    is the base model's, resolved on this node (`tokenizer` is the pinned model spec)."""
     shard = Shard.from_dict(row)
     samples = read_shard(shard, cfg.data)
-    toks = tokenize_samples(samples, cfg.template, _cached_tokenizer(tokenizer_dir, load_tokenizer))
+    toks = tokenize_samples(samples, cfg.template, _cached_tokenizer(tokenizer))
     payload = {
         "meta": [(s.sample_id, s.source_file, s.source_row) for s in samples],
         "quarantine": [
@@ -88,10 +87,12 @@ def tokenize_shard(row: dict[str, Any], cfg: RunConfig, tokenizer_dir: str) -> d
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _cached_tokenizer(path: str, loader):
-    if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = loader(path)
-    return _TOKENIZERS[path]
+def _cached_tokenizer(spec: str):
+    from .models import load_tokenizer, resolve_model
+
+    if spec not in _TOKENIZERS:
+        _TOKENIZERS[spec] = load_tokenizer(resolve_model(spec, tokenizer_only=True))
+    return _TOKENIZERS[spec]
 
 
 class ScoreActor:
@@ -101,9 +102,15 @@ class ScoreActor:
     shard file instead of being recomputed: base scores never change across rounds.
     """
 
-    def __init__(self, cfg: RunConfig, base_dir: str, warmup: str | None, base_scores_dir: str | None):
+    def __init__(self, cfg: RunConfig, base: str, warmup: str | None, base_scores_dir: str | None):
         from .engines import EngineSettings, make_engine
+        from .models import is_adapter, merged_warmup, resolve_model
 
+        # Models are resolved here, on the node that runs them (once per node, into its cache).
+        base_dir = resolve_model(base)
+        warmup_dir = resolve_model(warmup) if warmup else None
+        if warmup and cfg.engine.name == "vllm" and is_adapter(warmup_dir):
+            warmup_dir = merged_warmup(warmup, base_dir)  # the warmup stage's merged/ when it checks out
         self.cfg = cfg
         self.base_scores_dir = base_scores_dir
         settings = EngineSettings(
@@ -117,7 +124,7 @@ class ScoreActor:
             passes=("warmup",) if base_scores_dir else ("base", "warmup"),
             **cfg.vllm_settings(),
         )
-        self.engine = make_engine(cfg.engine.name, base_dir, warmup, settings)
+        self.engine = make_engine(cfg.engine.name, base_dir, warmup_dir, settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from .engines import EngineFault

@@ -136,7 +136,8 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
     gradient averaging divides out), so N workers take the step one process would take."""
     from transformers import AutoModelForCausalLM
 
-    from .engines import DTYPES, load_tokenizer
+    from .engines import DTYPES
+    from .models import load_tokenizer, resolve_model
     from .template import tokenize_samples
 
     cfg: RunConfig = spec["cfg"]
@@ -155,7 +156,8 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(w.seed)
     if device.type == "cpu":
         torch.set_num_threads(cfg.torch_threads())  # Ray sets OMP_NUM_THREADS to the task's CPUs
-    tok = load_tokenizer(spec["base_dir"])
+    base_dir = resolve_model(spec["base"])  # on this node
+    tok = load_tokenizer(base_dir)
     toks = [t for t in tokenize_samples(spec["samples"], cfg.template, tok) if t.status == "ok"]
     if not toks:
         raise ValueError("no warmup sample survived templating (all empty or over max_length)")
@@ -166,7 +168,7 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
     low = DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32
     # Full fine-tuning keeps fp32 master weights and optimizer state and runs the forward in the
     # model dtype under autocast; LoRA keeps the frozen base in the model dtype (peft makes the adapters fp32).
-    model = AutoModelForCausalLM.from_pretrained(spec["base_dir"], dtype=low if w.method == "lora" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=low if w.method == "lora" else torch.float32)
     model = model.to(device)
     if w.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -239,7 +241,7 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
 def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -> str:
     """adapter/ (LoRA), merged/ and loss.json; written locally, then uploaded for s3:// run dirs.
     Returns the merged weights' digest (the stamp records it; nothing trusts merged/ without it)."""
-    from .engines import model_digest
+    from .models import model_digest
 
     local = Path(out_dir if "://" not in out_dir else tempfile.mkdtemp(prefix="instructdiff-warmup-"))
     local.mkdir(parents=True, exist_ok=True)
@@ -261,13 +263,13 @@ def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -
 
 def warmup_fingerprint(cfg: RunConfig, base_dir: str, samples: list[Sample]) -> dict[str, Any]:
     """What decides the warmup weights: base model, settings, template, and the rows trained on."""
-    from .engines import model_digest
+    from .models import model_digest
 
     rows = hashlib.sha256()
     for s in samples:
         rows.update(json.dumps([s.instruction, s.input, s.response, s.messages], ensure_ascii=False).encode())
     return {
-        "base_model": model_digest(base_dir),
+        "base_model": identity(base),
         "warmup": cfg.warmup.model_dump(mode="json"),
         "template": cfg.template.model_dump(mode="json"),
         "dtype": cfg.model.dtype,
@@ -284,15 +286,15 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
     Training runs in a Ray task (one GPU on CUDA) so the driver's memory stays small; its step
     lines reach the driver through Ray's log forwarding. `in_process` trains right here.
     """
-    from .engines import resolve_model
+    from .models import pin
 
-    base_dir = resolve_model(cfg.model.base)
-    fp = warmup_fingerprint(cfg, base_dir, samples)
+    base = pin(cfg.model.base)
+    fp = warmup_fingerprint(cfg, base, samples)
     stamp = rundir.check_warmup_stamp(out_dir, fp)
     if stamp is not None:
         return WarmupResult(**stamp["result"])
     rundir.clear_dir(out_dir)
-    spec = {"cfg": cfg, "base_dir": base_dir, "samples": samples, "out_dir": out_dir, "on_step": on_step}
+    spec = {"cfg": cfg, "base": base, "samples": samples, "out_dir": out_dir, "on_step": on_step}
     if cfg.warmup.num_workers > 1:
         stats = _train_with_ray(spec, cfg)
     elif in_process:
@@ -316,10 +318,10 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
 def _train_in_task(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     import ray
 
-    from .runtime import init_ray
+    from .runtime import gpus_per_actor, init_ray
 
     init_ray(cfg)
-    remote = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.gpus_per_actor(), max_retries=1)(_train_and_print)
+    remote = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpus_per_actor(cfg), max_retries=1)(_train_and_print)
     return ray.get(remote.remote({k: v for k, v in spec.items() if k != "on_step"}))
 
 
@@ -336,10 +338,10 @@ def _train_with_ray(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .runtime import init_ray
+    from .runtime import gpus_per_actor, init_ray
 
     init_ray(cfg)
-    use_gpu = cfg.resolved_device() == "cuda"
+    use_gpu = gpus_per_actor(cfg) > 0
     ray_spec = {k: v for k, v in spec.items() if k != "on_step"} | {"ray_train": True}
     trainer = TorchTrainer(
         lambda conf: train_loop(conf),

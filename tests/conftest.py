@@ -22,6 +22,11 @@ def _free_port() -> int:
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"})
 
+# Hugging Face Hub models come from a cache the tests fill themselves (tiny.add_to_hub_cache); no
+# network, ever. Set before any Ray worker starts so that every process sees the same cache.
+HF_HOME = Path(os.environ.setdefault("HF_HOME", f"/tmp/instructdiff-hf-{os.getpid()}"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 # Faults are armed by writing this file (read at every fault point), so that Ray workers started
 # before a test still see them; empty means none. Set before any Ray worker starts.
 FAULT_FILE = Path(os.environ.setdefault("INSTRUCTDIFF_FAULT_FILE", f"/tmp/instructdiff-faults-{os.getpid()}"))

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from instructdiff_ray.config import DataConfig, TemplateConfig
 from instructdiff_ray.corpus import plan_shards, read_shard
-from instructdiff_ray.engines import EngineSettings, HFEngine, load_tokenizer, resolve_model
+from instructdiff_ray.engines import EngineSettings, HFEngine
+from instructdiff_ray.models import load_tokenizer, resolve_model
 from instructdiff_ray.template import tokenize_samples
 from reference import reference_scores
 

@@ -160,7 +160,7 @@ def test_systemic_fault_restarts_the_actor_and_loses_nothing(tmp_path, reference
 def test_a_row_that_fails_alone_is_the_only_error(tmp_path, reference, ray_local, tiny_model, tiny_lora, gsm8k, arm_fault):
     from instructdiff_ray.config import DataConfig, TemplateConfig
     from instructdiff_ray.corpus import plan_shards, read_shard
-    from instructdiff_ray.engines import load_tokenizer
+    from instructdiff_ray.models import load_tokenizer
     from instructdiff_ray.faults import ids_digest
     from instructdiff_ray.template import tokenize_samples
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_config
 from instructdiff_ray.config import DataConfig, TemplateConfig
 from instructdiff_ray.corpus import plan_shards, read_shard
-from instructdiff_ray.engines import load_tokenizer
+from instructdiff_ray.models import load_tokenizer
 from instructdiff_ray.pipeline import FingerprintMismatch, score_corpus
 from instructdiff_ray.scoring import SCHEMA
 from instructdiff_ray.template import tokenize_samples

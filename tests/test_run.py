@@ -144,8 +144,8 @@ def test_many_rows_over_max_length_warn():
     assert length_note(few, 512) is None and many.to_dict()["too_long_share"] == 0.02
 
 
-def test_dry_run_prints_the_plan_without_models(tmp_path, gsm8k, capsys):
-    assert main(["run", "--data", str(gsm8k), "--base", str(tmp_path), "--out", str(tmp_path / "o"),
+def test_dry_run_prints_the_plan_without_models(tmp_path, gsm8k, tiny_model, capsys):
+    assert main(["run", "--data", str(gsm8k), "--base", str(tiny_model), "--out", str(tmp_path / "o"),
                  "--limit", "300", "--shard-rows", "100", "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["rows"] == 300 and plan["shards"] == 3

@@ -1,6 +1,6 @@
 from instructdiff_ray.config import TemplateConfig
 from instructdiff_ray.corpus import Sample
-from instructdiff_ray.engines import load_tokenizer
+from instructdiff_ray.models import load_tokenizer
 from instructdiff_ray.template import ALPACA_PROMPT, alpaca_prompt, render, tokenize_samples
 
 

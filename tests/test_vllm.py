@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from instructdiff_ray.engines import EngineSettings, HFEngine, mask_spans, resolve_model
+from instructdiff_ray.engines import EngineSettings, HFEngine, mask_spans
+from instructdiff_ray.models import resolve_model
 from reference import reference_scores
 from test_exactness import _engine_scores as _hf
 from test_exactness import _tokenized

@@ -142,3 +142,29 @@ def build_tiny_qwen2(out: Path, seed: int = 0) -> Path:
         model.lm_head.weight.mul_(20)
     model.save_pretrained(out)
     return out
+
+
+def add_to_hub_cache(hf_home: Path, repo: str, model_dir: Path, commit: str, branch: str = "main") -> Path:
+    """Lay a model directory out in a Hugging Face cache as huggingface_hub writes it (content-
+    addressed blobs, a snapshot of links per commit, a ref per branch), so that an offline
+    `snapshot_download(repo)` finds it. Returns the snapshot directory."""
+    import hashlib
+    import os
+
+    root = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    for f in sorted(model_dir.rglob("*")):
+        if not f.is_file():
+            continue
+        data = f.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snap / f.relative_to(model_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / branch).write_text(commit)
+    return snap
