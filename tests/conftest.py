@@ -75,6 +75,20 @@ def ray_local():
     return ray
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """A local S3-compatible server (moto) for the session, and an s3fs client for it."""
+    from moto.server import ThreadedMotoServer
+
+    port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    import s3fs
+
+    yield s3fs.S3FileSystem()
+    server.stop()
+
+
 @pytest.fixture
 def arm_fault():
     """arm_fault("POINT:ARG") arms a fault for every process of the session until the test ends."""

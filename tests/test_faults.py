@@ -307,26 +307,12 @@ def test_fuzzed_corpus_every_row_accounted(tmp_path, ray_local, tiny_model, tiny
     assert sel.stats["duplicates_dropped"] == 100 and sel.stats["rows_scored"] == 300
 
 
-@pytest.fixture(scope="module")
-def s3(ray_local):
-    from moto.server import ThreadedMotoServer
-
-    port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("instructdiff-test")
-    yield fs
-    server.stop()
-
-
 def test_s3_corpus_and_run_dir_with_resume(s3, reference, tmp_path, ray_local, tiny_model, tiny_lora, gsm8k):
     from instructdiff_ray.config import SelectionConfig
     from instructdiff_ray.selection import load_scores, select, write_selection
 
     lines = Path(gsm8k).read_text().splitlines()[:200]
+    s3.mkdir("instructdiff-test")
     with s3.open("instructdiff-test/corpus/gsm8k.jsonl", "w") as f:
         f.write("\n".join(lines) + "\n")
     out = "s3://instructdiff-test/run/scores"

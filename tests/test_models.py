@@ -68,36 +68,23 @@ def test_missing_models_are_config_errors(tmp_path, gsm8k, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_object_store_model_is_cached_by_content(tmp_path, tiny_model, monkeypatch):
-    from moto.server import ThreadedMotoServer
+def test_object_store_model_is_cached_by_content(s3, tmp_path, tiny_model, monkeypatch):
     import os
-    import s3fs
 
-    port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    try:
-        server.start()
-    except OSError:
-        server = None  # another module's server is up on this port
-    try:
-        monkeypatch.setenv("INSTRUCTDIFF_CACHE", str(tmp_path / "cache"))
-        fs = s3fs.S3FileSystem()
-        fs.mkdir("instructdiff-models")
-        fs.put(str(tiny_model) + "/", "instructdiff-models/tiny/", recursive=True)
-        url = "s3://instructdiff-models/tiny"
-        first = resolve_model(url)
-        assert open(f"{first}/model.safetensors", "rb").read() == (tiny_model / "model.safetensors").read_bytes()
-        assert resolve_model(url) == first  # once per node
-        tok = resolve_model(url, tokenizer_only=True)
-        assert not any(p.endswith(".safetensors") for p in os.listdir(tok)) and os.path.exists(f"{tok}/tokenizer.json")
-        fs.pipe("instructdiff-models/tiny/config.json", (tiny_model / "config.json").read_bytes() + b"\n")
-        second = resolve_model(url)  # a changed file is a new cache entry, never the stale one
-        assert second != first and open(f"{second}/config.json", "rb").read() == (tiny_model / "config.json").read_bytes() + b"\n"
-        fp1 = identity(url)
-        fs.pipe("instructdiff-models/tiny/config.json", (tiny_model / "config.json").read_bytes())
-        assert identity(url) != fp1
-        (tmp_path / "cache" / "remote" / os.path.basename(first) / ".complete.json").write_text("{}")
-        assert resolve_model(url) == first  # an entry whose record does not match is fetched again
-    finally:
-        if server:
-            server.stop()
+    monkeypatch.setenv("INSTRUCTDIFF_CACHE", str(tmp_path / "cache"))
+    s3.mkdir("instructdiff-models")
+    s3.put(str(tiny_model) + "/", "instructdiff-models/tiny/", recursive=True)
+    url = "s3://instructdiff-models/tiny"
+    first = resolve_model(url)
+    assert open(f"{first}/model.safetensors", "rb").read() == (tiny_model / "model.safetensors").read_bytes()
+    assert resolve_model(url) == first  # once per node
+    tok = resolve_model(url, tokenizer_only=True)
+    assert not any(p.endswith(".safetensors") for p in os.listdir(tok)) and os.path.exists(f"{tok}/tokenizer.json")
+    s3.pipe("instructdiff-models/tiny/config.json", (tiny_model / "config.json").read_bytes() + b"\n")
+    second = resolve_model(url)  # a changed file is a new cache entry, never the stale one
+    assert second != first and open(f"{second}/config.json", "rb").read() == (tiny_model / "config.json").read_bytes() + b"\n"
+    fp1 = identity(url)
+    s3.pipe("instructdiff-models/tiny/config.json", (tiny_model / "config.json").read_bytes())
+    assert identity(url) != fp1
+    (tmp_path / "cache" / "remote" / os.path.basename(first) / ".complete.json").write_text("{}")
+    assert resolve_model(url) == first  # an entry whose record does not match is fetched again

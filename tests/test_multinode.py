@@ -1,8 +1,13 @@
-"""A real multi-node Ray cluster on one machine: head + worker started with `ray start`, the job
-submitted with `ray job submit`, scoring actors on both nodes; then a worker node lost mid-run."""
+"""A cluster whose nodes share nothing but object storage, on one machine: a head that offers no
+resources for work, and worker nodes that each run in their own mount namespace (a private /tmp,
+$HOME, model cache and Hugging Face cache) and advertise one logical GPU while the engine runs on
+CPU. The corpus, the run directory and a LoRA warmup live on the local S3 server; the base model
+is a Hugging Face Hub id that each worker finds in its own offline cache. Jobs go in with
+`ray job submit`; a worker node is lost mid-run and the resubmitted job completes."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,13 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import tiny
 from conftest import kill_processes_mentioning
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+BUCKET = "instructdiff-cluster"
+REPO, SHA = "instructdiff-test/cluster-llama", "c" * 40
 
 
 def _free_port() -> int:
@@ -28,61 +38,79 @@ def _free_port() -> int:
 
 
 def _node_ports() -> list[str]:
-    """Two nodes on one machine must not share the per-node agent ports (fixed defaults otherwise)."""
+    """Nodes on one machine must not share the per-node agent ports (fixed defaults otherwise)."""
     return ["--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
             "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port())]
 
 
-def _env():
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
+def _env(**extra):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}", **extra)
+    for key in ("RAY_ADDRESS", "INSTRUCTDIFF_FAULT_FILE", "INSTRUCTDIFF_CACHE"):
+        env.pop(key, None)
     return env
 
 
-@pytest.fixture()
-def cluster(tmp_path):
+def _worker_node(port: int, hf_cache: Path, env: dict) -> subprocess.Popen:
+    """`ray start` in a new mount namespace: /tmp is a fresh tmpfs (so $HOME, the model cache and the
+    HF cache under it are private), filled with this node's copy of the HF cache from a tar stream."""
+    script = ("mount -t tmpfs tmpfs /tmp && mkdir -p /tmp/home /tmp/hf && tar -C /tmp/hf -xf - && "
+              f"exec {BIN}/ray start --address 127.0.0.1:{port} --num-cpus 2 --num-gpus 1 --block "
+              + " ".join(_node_ports()))
+    tar = subprocess.Popen(["tar", "-C", str(hf_cache), "-cf", "-", "."], stdout=subprocess.PIPE)
+    node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", script], stdin=tar.stdout,
+                            env=dict(env, HOME="/tmp/home", HF_HOME="/tmp/hf"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    tar.stdout.close()
+    tar.wait()
+    return node
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3, tiny_model):
     import ray
 
     ray.shutdown()  # this module drives its own cluster; the session's local one must not linger
+    hf = tmp_path_factory.mktemp("hf-template")
+    tiny.add_to_hub_cache(hf, REPO, tiny_model, SHA)
     port, dash = _free_port(), _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay under 108 bytes
-    env = dict(_env(), INSTRUCTDIFF_TEST_TAG=ray_tmp)  # inherited by every process of this cluster
+    env = _env(INSTRUCTDIFF_TEST_TAG=ray_tmp, HF_HOME=str(hf), HF_HUB_OFFLINE="1")
     head = subprocess.run(
-        [BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "3", "--dashboard-port", str(dash),
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", ray_tmp, *_node_ports()],
-        env=env, capture_output=True, text=True, timeout=120)
+        [BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
+         "--dashboard-port", str(dash), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+         "--temp-dir", ray_tmp, *_node_ports()], env=env, capture_output=True, text=True, timeout=120)
     assert head.returncode == 0, head.stderr[-2000:]
-    worker = subprocess.Popen([BIN / "ray", "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "3", "--block",
-                               *_node_ports()],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 90
+    workers = [_worker_node(port, hf, env) for _ in range(2)]
+    deadline = time.time() + 120
     while time.time() < deadline:
-        out = subprocess.run([BIN / "ray", "status", "--address", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True)
-        if out.stdout.count("node_") >= 2:
+        out = subprocess.run([BIN / "ray", "status", "--address", f"127.0.0.1:{port}"], env=env, capture_output=True,
+                             text=True)
+        if "2.0 GPU" in out.stdout or "2.0/2.0 GPU" in out.stdout or out.stdout.count("0.0/2.0 GPU") == 1:
             break
         time.sleep(2)
     else:
-        pytest.fail("the worker node never joined")
-    yield {"dashboard": f"http://127.0.0.1:{dash}", "worker": worker, "env": env}
-    if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=60)
+        pytest.fail("the worker nodes never joined:\n" + out.stdout[-2000:])
+    s3.mkdir(BUCKET)
+    yield {"dashboard": f"http://127.0.0.1:{dash}", "workers": workers, "env": env, "s3": s3}
+    for w in workers:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGKILL)
+            w.wait(timeout=60)
     kill_processes_mentioning(ray_tmp)  # only this cluster's processes (`ray stop` would kill every Ray here)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _job(tmp_path, tiny_model, gsm8k, out, limit, shard_rows, min_actors=1):
-    # 2-CPU actors on 3-CPU nodes: two actors can only run on two different nodes
-    cfg = {"out": str(out), "data": {"paths": [str(gsm8k)], "limit": limit, "shard_rows": shard_rows},
-           "model": {"base": str(tiny_model)}, "warmup": {"count": 40, "max_steps": 3},
-           "engine": {"threads": 1}, "ray": {"min_actors": min_actors, "max_actors": 2, "cpus_per_actor": 2},
-           "progress": "off"}
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
-    return tmp_path / "job.yaml"
+def _write_job(where: Path, out: str, data: str, base: str, warmup: str, limit: int, shard_rows: int) -> Path:
+    cfg = {"out": out, "data": {"paths": [data], "limit": limit, "shard_rows": shard_rows},
+           "model": {"base": base, "warmup": warmup}, "engine": {"threads": 1},
+           "ray": {"min_actors": 2, "max_actors": 2, "cpus_per_actor": 1}, "progress": "off"}
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "job.yaml").write_text(yaml.safe_dump(cfg))
+    return where / "job.yaml"
 
 
-def _submit(cluster, tmp_path, wait=True):
-    cmd = [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(tmp_path)]
+def _submit(cluster, job_dir: Path, wait=True):
+    cmd = [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(job_dir)]
     cmd += [] if wait else ["--no-wait"]
     cmd += ["--", str(BIN / "python"), "-m", "instructdiff_ray", "run", "job.yaml"]
     for _ in range(30):  # the dashboard's job agent comes up a little after the node
@@ -93,54 +121,91 @@ def _submit(cluster, tmp_path, wait=True):
     return res
 
 
-def _single_process_selection(tmp_path, tiny_model, gsm8k, limit, shard_rows):
+def _wait_for_job(cluster, job_id: str, timeout: float = 900) -> str:
+    """The job's terminal status (its driver has exited, so its lease is released or dead)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster["dashboard"])
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return str(status.value)
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} did not finish:\n{client.get_job_logs(job_id)[-3000:]}")
+
+
+def _upload_inputs(s3, prefix: str, gsm8k: Path, lora: Path, limit: int) -> tuple[str, str]:
+    lines = gsm8k.read_text().splitlines()[:limit]
+    s3.pipe(f"{BUCKET}/{prefix}/corpus/gsm8k.jsonl", ("\n".join(lines) + "\n").encode())
+    s3.put(str(lora) + "/", f"{BUCKET}/{prefix}/models/lora/", recursive=True)
+    return f"s3://{BUCKET}/{prefix}/corpus/gsm8k.jsonl", f"s3://{BUCKET}/{prefix}/models/lora"
+
+
+def _scores(s3, run: str) -> dict:
+    files = sorted(s3.glob(f"{run[5:]}/round-1/scores/shard-*.parquet"))
+    tables = [pq.read_table(s3.open(f, "rb")) for f in files]
+    import pyarrow as pa
+
+    return pa.concat_tables(tables).sort_by("source_row").to_pydict()
+
+
+def test_share_nothing_cluster_equals_a_single_process(cluster, tmp_path, tiny_model, tiny_lora, gsm8k):
+    s3 = cluster["s3"]
+    data, warm = _upload_inputs(s3, "a", gsm8k, tiny_lora, 120)
+    run = f"s3://{BUCKET}/a/run"
+    job = _write_job(tmp_path / "job", run, data, REPO, warm, 120, 10)
+    res = _submit(cluster, job.parent)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    got = _scores(s3, run)
+    assert got["source_row"] == list(range(120)) and set(got["status"]) == {"ok"}
+    markers = [json.loads(s3.cat(p)) for p in s3.glob(f"{BUCKET}/a/run/round-1/scores/_done/*.json")]
+    assert len({m["node"] for m in markers}) == 2  # scoring actors on both worker nodes, none on the head
+    manifest = json.loads(s3.cat(f"{BUCKET}/a/run/round-1/scores/_manifest.json"))
+    assert manifest["fingerprint"]["base_model"] == {"hub": REPO, "commit": SHA}
     local = tmp_path / "local"
-    local.mkdir()
-    job = _job(local, tiny_model, gsm8k, local / "run", limit, shard_rows)
-    code = subprocess.run([BIN / "python", "-m", "instructdiff_ray", "run", str(job), "--set", "ray.max_actors=1",
-                           "--set", "ray.cpus_per_actor=1"],
-                          env=_env(), capture_output=True, text=True, timeout=900)
-    assert code.returncode == 0, code.stderr[-3000:]
-    return (local / "run" / "round-1" / "selection" / "selected_ids.txt").read_text()
+    (local / "data.jsonl").parent.mkdir(parents=True, exist_ok=True)
+    (local / "data.jsonl").write_bytes(s3.cat(data[5:]))
+    ref_job = _write_job(local, str(local / "run"), str(local / "data.jsonl"), str(tiny_model), str(tiny_lora), 120, 10)
+    ref = subprocess.run([BIN / "python", "-m", "instructdiff_ray", "run", str(ref_job), "--set", "ray.min_actors=1",
+                          "--set", "ray.max_actors=1"], env=_env(), capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    want = pq.read_table(local / "run" / "round-1" / "scores").sort_by("source_row").to_pydict()
+    for col in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy"):
+        np.testing.assert_allclose(got[col], want[col], atol=1e-6, rtol=0)
+    ids = s3.cat(f"{BUCKET}/a/run/round-1/selection/selected_ids.txt").decode()
+    assert ids == (local / "run" / "round-1" / "selection" / "selected_ids.txt").read_text()
 
 
-def _rows_once(run_dir: Path, limit: int):
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(run_dir / "round-1" / "scores").to_pydict()
-    assert sorted(t["source_row"]) == list(range(limit))
-    return [json.loads(p.read_text()) for p in (run_dir / "round-1" / "scores" / "_done").glob("*.json")]
-
-
-def test_job_on_two_nodes_equals_single_process(cluster, tmp_path, tiny_model, gsm8k):
-    _job(tmp_path, tiny_model, gsm8k, tmp_path / "run", 240, 20, min_actors=2)
-    res = _submit(cluster, tmp_path)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    markers = _rows_once(tmp_path / "run", 240)
-    assert len({m["node"] for m in markers}) == 2  # scoring actors ran on both nodes
-    expected = _single_process_selection(tmp_path, tiny_model, gsm8k, 240, 20)
-    assert (tmp_path / "run" / "round-1" / "selection" / "selected_ids.txt").read_text() == expected
+def test_local_paths_are_refused_on_a_share_nothing_cluster(cluster, tmp_path, tiny_lora, gsm8k):
+    job = _write_job(tmp_path / "job", str(tmp_path / "run"), str(gsm8k), REPO, str(tiny_lora), 40, 10)
+    res = _submit(cluster, job.parent)
+    assert res.returncode != 0
+    assert "out: " in res.stdout + res.stderr and "is a local path, but this Ray cluster has several nodes" in res.stdout + res.stderr
 
 
-def test_losing_a_worker_node_mid_scoring(cluster, tmp_path, tiny_model, gsm8k):
-    run = tmp_path / "run"
-    _job(tmp_path, tiny_model, gsm8k, run, 400, 10)
-    res = _submit(cluster, tmp_path, wait=False)
+def test_losing_a_worker_node_mid_scoring(cluster, tmp_path, tiny_lora, gsm8k):
+    s3 = cluster["s3"]
+    data, warm = _upload_inputs(s3, "b", gsm8k, tiny_lora, 400)
+    run = f"s3://{BUCKET}/b/run"
+    job = _write_job(tmp_path / "job", run, data, REPO, warm, 400, 10)
+    res = _submit(cluster, job.parent, wait=False)
     assert res.returncode == 0, res.stderr[-2000:]
-    job_id = next(w for w in res.stdout.split() if w.startswith("raysubmit_"))
-    done = run / "round-1" / "scores" / "_done"
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", res.stdout).group(0)
+    done = f"{BUCKET}/b/run/round-1/scores/_done"
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(done.glob("*.json"))) < 3:
+    while time.time() < deadline and len(s3.glob(f"{done}/*.json")) < 3:
+        s3.invalidate_cache()
         time.sleep(0.5)
-    finished_before = len(list(done.glob("*.json")))
+    finished_before = len(s3.glob(f"{done}/*.json"))
     assert 3 <= finished_before < 40, "scoring finished before the node could be killed"
-    os.killpg(cluster["worker"].pid, signal.SIGKILL)  # the node's raylet and its workers die at once
-    logs = subprocess.run([BIN / "ray", "job", "logs", "--address", cluster["dashboard"], "--follow", job_id],
-                          env=cluster["env"], capture_output=True, text=True, timeout=900)
-    status = subprocess.run([BIN / "ray", "job", "status", "--address", cluster["dashboard"], job_id],
-                            env=cluster["env"], capture_output=True, text=True, timeout=60).stdout
-    if "SUCCEEDED" not in status:  # documented recovery: resubmit the same job, it resumes
-        again = _submit(cluster, tmp_path)
-        assert again.returncode == 0, (again.stdout + again.stderr + logs.stdout)[-3000:]
-    _rows_once(run, 400)
-    assert (run / "round-1" / "selection" / "selected_ids.txt").exists()
+    victim = cluster["workers"][1]
+    os.killpg(victim.pid, signal.SIGKILL)  # the node's raylet and its workers die at once
+    status = _wait_for_job(cluster, job_id)
+    if status != "SUCCEEDED":  # documented recovery: resubmit the same job, it resumes
+        again = _submit(cluster, job.parent)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    s3.invalidate_cache()
+    got = _scores(s3, run)
+    assert got["source_row"] == list(range(400))  # every row exactly once
+    assert s3.exists(f"{BUCKET}/b/run/round-1/selection/_SELECTION_DONE.json")
