@@ -74,6 +74,11 @@ def gpus_per_actor(cfg: RunConfig) -> float:
     if cfg.model.device == "cpu":
         return 0.0
     if not cluster_offers_gpus():
+        if _is_multi_node():
+            logging.getLogger(__name__).warning(
+                "no GPU in the cluster and none in the node types its autoscaler publishes: scoring actors will run on "
+                "CPU. An autoscaler that does not publish node types (v1, the VM launcher's default) cannot be seen "
+                "from here: set ray.gpus_per_actor to ask for GPU nodes")
         return 0.0
     return float(cfg.engine.tensor_parallel_size) if cfg.engine.name == "vllm" else 1.0
 

@@ -23,6 +23,7 @@ def test_launcher_configs_pass_the_autoscaler_schema(name):
     spot = [types[t]["node_config"] for t in gpu]
     assert any("InstanceMarketOptions" in c or any("preemptible" in s for s in c.get("scheduling", [])) for c in spot)
     assert any("instructdiff_ray" in cmd for cmd in raw["setup_commands"])
+    assert any("vllm" in cmd for cmd in raw["worker_setup_commands"])  # GPU nodes get the vllm engine
 
 
 def test_kuberay_rayjob_manifest():
@@ -36,6 +37,9 @@ def test_kuberay_rayjob_manifest():
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     (group,) = cluster["workerGroupSpecs"]
     assert group["minReplicas"] < group["maxReplicas"]
+    for spec in (cluster["headGroupSpec"]["template"]["spec"], group["template"]["spec"]):
+        env_from = spec["containers"][0]["envFrom"]  # credentials from a Secret on every pod
+        assert {"secretRef": {"name": "instructdiff-credentials"}} in env_from
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1"
     cfg = RunConfig.model_validate(yaml.safe_load(cm["data"]["job.yaml"]))
