@@ -261,9 +261,9 @@ def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -
     return merged_digest
 
 
-def warmup_fingerprint(cfg: RunConfig, base_dir: str, samples: list[Sample]) -> dict[str, Any]:
-    """What decides the warmup weights: base model, settings, template, and the rows trained on."""
-    from .models import model_digest
+def warmup_fingerprint(cfg: RunConfig, base: str, samples: list[Sample]) -> dict[str, Any]:
+    """What decides the warmup weights: base model (pinned spec), settings, template, and the rows trained on."""
+    from .models import identity
 
     rows = hashlib.sha256()
     for s in samples:

@@ -100,7 +100,7 @@ def cluster(tmp_path_factory, s3, tiny_model):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _write_job(where: Path, out: str, data: str, base: str, warmup: str, limit: int, shard_rows: int) -> Path:
+def _write_job(where: Path, out: str, data: str, base: str, warmup: str | None, limit: int, shard_rows: int) -> Path:
     cfg = {"out": out, "data": {"paths": [data], "limit": limit, "shard_rows": shard_rows},
            "model": {"base": base, "warmup": warmup}, "engine": {"threads": 1},
            "ray": {"min_actors": 2, "max_actors": 2, "cpus_per_actor": 1}, "progress": "off"}
@@ -209,3 +209,47 @@ def test_losing_a_worker_node_mid_scoring(cluster, tmp_path, tiny_lora, gsm8k):
     got = _scores(s3, run)
     assert got["source_row"] == list(range(400))  # every row exactly once
     assert s3.exists(f"{BUCKET}/b/run/round-1/selection/_SELECTION_DONE.json")
+
+
+def test_builtin_model_and_a_warmup_trained_into_an_s3_run_dir(cluster, tmp_path, gsm8k):
+    """The built-in SmolLM2 (converted from GGUF on each node, into that node's private cache) with
+    a LoRA warmup trained on a worker node and written to the S3 run directory, from where every
+    scoring actor fetches it: base scores equal a single process on this machine, warmup scores
+    equal the hf engine run here with the adapter the job wrote."""
+    from instructdiff_ray.engines import EngineSettings, HFEngine
+    from instructdiff_ray.models import load_tokenizer, resolve_model
+    from instructdiff_ray.template import tokenize_samples
+    from instructdiff_ray.config import DataConfig, TemplateConfig
+    from instructdiff_ray.corpus import plan_shards, read_shard
+
+    s3 = cluster["s3"]
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "data.jsonl").write_text("\n".join(gsm8k.read_text().splitlines()[:40]) + "\n")
+    s3.put(str(local / "data.jsonl"), f"{BUCKET}/c/corpus.jsonl")
+    run = f"s3://{BUCKET}/c/run"
+    job = _write_job(tmp_path / "job", run, f"s3://{BUCKET}/c/corpus.jsonl", "smollm2", None, 40, 10)
+    tree = yaml.safe_load(job.read_text())
+    tree["model"].pop("warmup")
+    tree["warmup"] = {"count": 8, "max_steps": 2, "batch_size": 4}
+    tree["template"] = {"max_length": 512}
+    job.write_text(yaml.safe_dump(tree))
+    res = _submit(cluster, job.parent)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    stamp = json.loads(s3.cat(f"{BUCKET}/c/run/round-1/warmup/_WARMUP_DONE.json"))
+    assert stamp["result"]["adapter_dir"] == f"{run}/round-1/warmup/adapter"
+    got = _scores(s3, run)
+    assert got["source_row"] == list(range(40)) and set(got["status"]) == {"ok"}
+    markers = [json.loads(s3.cat(p)) for p in s3.glob(f"{BUCKET}/c/run/round-1/scores/_done/*.json")]
+    assert len({m["node"] for m in markers}) == 2
+    base_dir = resolve_model("smollm2")
+    adapter = tmp_path / "adapter"
+    s3.get(f"{BUCKET}/c/run/round-1/warmup/adapter/", str(adapter), recursive=True)
+    dcfg = DataConfig(paths=[str(local / "data.jsonl")], shard_rows=40)
+    toks = tokenize_samples(read_shard(plan_shards(dcfg)[0], dcfg), TemplateConfig(max_length=512), load_tokenizer(base_dir))
+    ids, masks = [t.input_ids for t in toks], [t.response_mask for t in toks]
+    engine = HFEngine(base_dir, str(adapter), EngineSettings(threads=2))
+    for which in ("base", "warmup"):
+        r = engine.score(ids, masks, which)
+        np.testing.assert_allclose(got[f"{which}_nll"], r.nll, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[f"{which}_entropy"], r.entropy, atol=1e-5, rtol=0)
