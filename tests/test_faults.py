@@ -121,7 +121,7 @@ def test_changed_warmup_setting_or_base_model_is_refused(killed_at_every_point, 
     config = _chain_config(run.parent, gsm8k, base)
     with pytest.raises(FingerprintMismatch, match=r"differs in: warmup\.learning_rate\)"):
         run_job(build_config({**config, "warmup": {**config["warmup"], "learning_rate": 2e-3}}))
-    with pytest.raises(FingerprintMismatch, match=r"differs in: base_model\)"):
+    with pytest.raises(FingerprintMismatch, match=r"differs in: base_model\.digest\)"):
         run_job(build_config({**config, "model": {"base": str(tiny_full_warmup)}}))
 
 
