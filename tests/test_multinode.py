@@ -1,7 +1,7 @@
 """A cluster whose nodes share nothing but object storage, on one machine: a head that offers no
-resources for work, and worker nodes that each run in their own mount namespace (a private /tmp,
-$HOME, model cache and Hugging Face cache) and advertise one logical GPU while the engine runs on
-CPU. The corpus, the run directory and a LoRA warmup live on the local S3 server; the base model
+resources for work, and worker nodes that each run in their own mount namespace (the tests'
+temporary root replaced by an empty tmpfs, holding the node's own $HOME, model cache and Hugging
+Face cache) and advertise one logical GPU while the engine runs on CPU. The corpus, the run directory and a LoRA warmup live on the local S3 server; the base model
 is a Hugging Face Hub id that each worker finds in its own offline cache. Jobs go in with
 `ray job submit`; a worker node is lost mid-run and the resubmitted job completes."""
 
@@ -50,15 +50,17 @@ def _env(**extra):
     return env
 
 
-def _worker_node(port: int, hf_cache: Path, env: dict) -> subprocess.Popen:
-    """`ray start` in a new mount namespace: /tmp is a fresh tmpfs (so $HOME, the model cache and the
-    HF cache under it are private), filled with this node's copy of the HF cache from a tar stream."""
-    script = ("mount -t tmpfs tmpfs /tmp && mkdir -p /tmp/home /tmp/hf && tar -C /tmp/hf -xf - && "
+def _worker_node(port: int, hf_cache: Path, env: dict, private: Path) -> subprocess.Popen:
+    """`ray start` in a new mount namespace where `private` (the tests' temporary root, holding every
+    file the tests made: models, corpora, run directories) is a fresh, empty tmpfs; this node's $HOME,
+    model cache and HF cache live there, the HF cache filled from a tar stream of `hf_cache`. The
+    installed code stays visible, as on a real node; nothing the tests wrote does."""
+    script = (f"mount -t tmpfs tmpfs {private} && mkdir -p {private}/home {private}/hf && tar -C {private}/hf -xf - && "
               f"exec {BIN}/ray start --address 127.0.0.1:{port} --num-cpus 2 --num-gpus 1 --block "
               + " ".join(_node_ports()))
     tar = subprocess.Popen(["tar", "-C", str(hf_cache), "-cf", "-", "."], stdout=subprocess.PIPE)
     node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", script], stdin=tar.stdout,
-                            env=dict(env, HOME="/tmp/home", HF_HOME="/tmp/hf"), stdout=subprocess.DEVNULL,
+                            env=dict(env, HOME=f"{private}/home", HF_HOME=f"{private}/hf"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     tar.stdout.close()
     tar.wait()
@@ -80,7 +82,9 @@ def cluster(tmp_path_factory, s3, tiny_model):
          "--dashboard-port", str(dash), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
          "--temp-dir", ray_tmp, *_node_ports()], env=env, capture_output=True, text=True, timeout=120)
     assert head.returncode == 0, head.stderr[-2000:]
-    workers = [_worker_node(port, hf, env) for _ in range(2)]
+    private = tmp_path_factory.getbasetemp()
+    assert not Path(BIN).resolve().is_relative_to(private.resolve())  # the code must survive the mount
+    workers = [_worker_node(port, hf, env, private) for _ in range(2)]
     deadline = time.time() + 120
     while time.time() < deadline:
         out = subprocess.run([BIN / "ray", "status", "--address", f"127.0.0.1:{port}"], env=env, capture_output=True,
