@@ -244,8 +244,6 @@ def test_builtin_model_and_a_warmup_trained_into_an_s3_run_dir(cluster, tmp_path
     assert stamp["result"]["adapter_dir"] == f"{run}/round-1/warmup/adapter"
     got = _scores(s3, run)
     assert got["source_row"] == list(range(40)) and set(got["status"]) == {"ok"}
-    markers = [json.loads(s3.cat(p)) for p in s3.glob(f"{BUCKET}/c/run/round-1/scores/_done/*.json")]
-    assert len({m["node"] for m in markers}) == 2
     base_dir = resolve_model("smollm2")
     adapter = tmp_path / "adapter"
     s3.get(f"{BUCKET}/c/run/round-1/warmup/adapter/", str(adapter), recursive=True)
