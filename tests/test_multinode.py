@@ -77,31 +77,40 @@ def cluster(tmp_path_factory, s3, tiny_model):
     port, dash = _free_port(), _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay under 108 bytes
     env = _env(INSTRUCTDIFF_TEST_TAG=ray_tmp, HF_HOME=str(hf), HF_HUB_OFFLINE="1")
-    head = subprocess.run(
-        [BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
-         "--dashboard-port", str(dash), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-         "--temp-dir", ray_tmp, *_node_ports()], env=env, capture_output=True, text=True, timeout=120)
-    assert head.returncode == 0, head.stderr[-2000:]
-    private = tmp_path_factory.getbasetemp()
-    assert not Path(BIN).resolve().is_relative_to(private.resolve())  # the code must survive the mount
-    workers = [_worker_node(port, hf, env, private) for _ in range(2)]
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        out = subprocess.run([BIN / "ray", "status", "--address", f"127.0.0.1:{port}"], env=env, capture_output=True,
-                             text=True)
-        if "2.0 GPU" in out.stdout or "2.0/2.0 GPU" in out.stdout or out.stdout.count("0.0/2.0 GPU") == 1:
-            break
-        time.sleep(2)
-    else:
-        pytest.fail("the worker nodes never joined:\n" + out.stdout[-2000:])
-    s3.mkdir(BUCKET)
+
+    def teardown():
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGKILL)
+                w.wait(timeout=60)
+        kill_processes_mentioning(ray_tmp)  # only this cluster's processes (`ray stop` would kill every Ray here)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    workers: list[subprocess.Popen] = []
+    try:
+        head = subprocess.run(
+            [BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
+             "--dashboard-port", str(dash), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+             "--temp-dir", ray_tmp, *_node_ports()], env=env, capture_output=True, text=True, timeout=120)
+        assert head.returncode == 0, head.stderr[-2000:]
+        private = tmp_path_factory.getbasetemp()
+        assert not Path(BIN).resolve().is_relative_to(private.resolve())  # the code must survive the mount
+        workers += [_worker_node(port, hf, env, private) for _ in range(2)]
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            out = subprocess.run([BIN / "ray", "status", "--address", f"127.0.0.1:{port}"], env=env,
+                                 capture_output=True, text=True)
+            if "2.0 GPU" in out.stdout or "2.0/2.0 GPU" in out.stdout or out.stdout.count("0.0/2.0 GPU") == 1:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the worker nodes never joined:\n" + out.stdout[-2000:])
+        s3.mkdir(BUCKET)
+    except BaseException:
+        teardown()  # a cluster that failed to start leaves nothing running
+        raise
     yield {"dashboard": f"http://127.0.0.1:{dash}", "workers": workers, "env": env, "s3": s3}
-    for w in workers:
-        if w.poll() is None:
-            os.killpg(w.pid, signal.SIGKILL)
-            w.wait(timeout=60)
-    kill_processes_mentioning(ray_tmp)  # only this cluster's processes (`ray stop` would kill every Ray here)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    teardown()
 
 
 def _write_job(where: Path, out: str, data: str, base: str, warmup: str | None, limit: int, shard_rows: int) -> Path:
