@@ -37,10 +37,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_TAKEN: set[int] = set()
+
+
+def _unique_port() -> int:
+    """A free port not handed out before in this session (the OS may offer a just-released one again)."""
+    while (port := _free_port()) in _TAKEN:
+        pass
+    _TAKEN.add(port)
+    return port
+
+
 def _node_ports() -> list[str]:
-    """Nodes on one machine must not share the per-node agent ports (fixed defaults otherwise)."""
-    return ["--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-            "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port())]
+    """Nodes on one machine must not share the per-node ports (fixed defaults otherwise)."""
+    return ["--dashboard-agent-listen-port", str(_unique_port()), "--dashboard-agent-grpc-port", str(_unique_port()),
+            "--metrics-export-port", str(_unique_port()), "--runtime-env-agent-port", str(_unique_port()),
+            "--node-manager-port", str(_unique_port()), "--object-manager-port", str(_unique_port())]
 
 
 def _env(**extra):
@@ -55,7 +67,8 @@ def _worker_node(port: int, hf_cache: Path, env: dict, private: Path) -> subproc
     file the tests made: models, corpora, run directories) is a fresh, empty tmpfs; this node's $HOME,
     model cache and HF cache live there, the HF cache filled from a tar stream of `hf_cache`. The
     installed code stays visible, as on a real node; nothing the tests wrote does."""
-    script = (f"mount -t tmpfs tmpfs {private} && mkdir -p {private}/home {private}/hf && tar -C {private}/hf -xf - && "
+    script = ("mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray && "  # Ray's own per-node session files, as on a real node
+              f"mount -t tmpfs tmpfs {private} && mkdir -p {private}/home {private}/hf && tar -C {private}/hf -xf - && "
               f"exec {BIN}/ray start --address 127.0.0.1:{port} --num-cpus 2 --num-gpus 1 --block "
               + " ".join(_node_ports()))
     tar = subprocess.Popen(["tar", "-C", str(hf_cache), "-cf", "-", "."], stdout=subprocess.PIPE)
@@ -95,16 +108,17 @@ def cluster(tmp_path_factory, s3, tiny_model):
         assert head.returncode == 0, head.stderr[-2000:]
         private = tmp_path_factory.getbasetemp()
         assert not Path(BIN).resolve().is_relative_to(private.resolve())  # the code must survive the mount
-        workers += [_worker_node(port, hf, env, private) for _ in range(2)]
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            out = subprocess.run([BIN / "ray", "status", "--address", f"127.0.0.1:{port}"], env=env,
-                                 capture_output=True, text=True)
-            if "2.0 GPU" in out.stdout or "2.0/2.0 GPU" in out.stdout or out.stdout.count("0.0/2.0 GPU") == 1:
-                break
-            time.sleep(2)
-        else:
-            pytest.fail("the worker nodes never joined:\n" + out.stdout[-2000:])
+        for n in (1, 2):  # one at a time: two nodes starting together on one machine race for ports and files
+            workers.append(_worker_node(port, hf, env, private))
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                out = subprocess.run([BIN / "ray", "status", "--address", f"127.0.0.1:{port}"], env=env,
+                                     capture_output=True, text=True)
+                if f"/{n}.0 GPU" in out.stdout:
+                    break
+                time.sleep(2)
+            else:
+                pytest.fail(f"worker node {n} never joined:\n" + out.stdout[-2000:])
         s3.mkdir(BUCKET)
     except BaseException:
         teardown()  # a cluster that failed to start leaves nothing running
