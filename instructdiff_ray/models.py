@@ -292,8 +292,8 @@ def merged_warmup(adapter_spec: str, base_dir: str) -> str:
                 return local
         except ModelNotFound:
             pass
-    target = cache_dir() / "merged" / f"{model_digest(adapter_dir)}-{model_digest(base_dir)}"
     key = {"adapter": model_digest(adapter_dir), "base": model_digest(base_dir)}
+    target = cache_dir() / "merged" / f"{key['adapter']}-{key['base']}"
     with _locked(target):
         if _complete(target, key):
             return str(target)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -147,8 +148,6 @@ def clean_temporaries(url: str) -> int:
             if name.startswith(".") and (name.endswith(TMP_SUFFIX) or name.startswith(".tmp-")):
                 target = os.path.join(dirpath, name)
                 if os.path.isdir(target):
-                    import shutil
-
                     shutil.rmtree(target, ignore_errors=True)
                 else:
                     with contextlib.suppress(OSError):
