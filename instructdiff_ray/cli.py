@@ -117,15 +117,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     result = run_job(cfg)
     final = result["final_selection"]
-    print(f"selected data: {final['data']}\nstats: {final['stats']}\nreport: {cfg.out.rstrip('/')}/report/index.html")
+    print(f"selected data: {final.get('data', '(not exported)')}\nstats: {final['stats']}\nreport: {cfg.out.rstrip('/')}/report/index.html")
     return EXIT_OK
 
 
 def plan_summary(cfg: RunConfig) -> dict[str, Any]:
     """What a run would do, without loading any model (for --dry-run)."""
-    from .corpus import plan_shards
+    from .corpus import load_plan
 
-    shards = plan_shards(cfg.data)
+    shards = load_plan(cfg.data, None).shards
     return {
         "run_dir": cfg.out,
         "rows": sum(s.n_rows for s in shards),
@@ -143,16 +143,16 @@ def plan_summary(cfg: RunConfig) -> dict[str, Any]:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    from .corpus import plan_shards
+    from .corpus import load_plan
     from .pipeline import check_config
     from .rundir import Lease
     from .warmup import collect_samples, draw_rows, train_warmup
 
     cfg = config_from_args(args)
     check_config(cfg)
-    shards = plan_shards(cfg.data)
-    samples = collect_samples(cfg, shards, ordinals=draw_rows(shards, cfg.warmup.alpha, cfg.warmup.count, cfg.warmup.seed))
     with Lease(cfg.out, cfg.run.lease_ttl_s):
+        shards = load_plan(cfg.data, cfg.out).shards
+        samples = collect_samples(cfg, shards, ordinals=draw_rows(shards, cfg.warmup.alpha, cfg.warmup.count, cfg.warmup.seed))
         result = train_warmup(cfg, samples, cfg.out)
     print(json.dumps(result.__dict__, indent=2))
     return EXIT_OK
@@ -165,13 +165,23 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     try:
         scfg = SelectionConfig(budget=args.budget, budget_unit=args.budget_unit, gamma=args.gamma,
-                               strategy=args.strategy, seed=args.seed, output_format=args.format)
+                               strategy=args.strategy, seed=args.seed, output_format=args.format, export=args.export)
     except ValidationError as err:
         raise ConfigError(str(err)) from None
     sel = select(load_scores(args.scores), scfg)
-    paths = write_selection(sel, args.out, scfg.output_format)
+    paths = write_selection(sel, args.out, scfg.output_format, scfg.export, scores_plan(args.scores))
     print(json.dumps({"selected_rows": sel.stats["selected_rows"], **paths}, indent=2))
     return EXIT_OK
+
+
+def scores_plan(scores_dir: str):
+    """The shard plan a scores directory was made with (its manifest), if it has one."""
+    from . import rundir
+    from .corpus import Shard
+
+    if not rundir.is_scores_dir(scores_dir):
+        return None
+    return [Shard.from_dict(d) for d in rundir.read_manifest(scores_dir)["plan"]]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -201,7 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     final = result["final_selection"]
     stats = result["rounds"][-1]["selection"]
     print(f"\ndemo finished in {result['wall_seconds']:.0f} s: {stats['selected_rows']} of {stats['rows_scored']} HumanEval tasks selected")
-    print(f"selected data: {final['data']}\nstats:         {final['stats']}\nreport:        {args.out.rstrip('/')}/report/index.html")
+    print(f"selected data: {final.get('data', '(not exported)')}\nstats:         {final['stats']}\nreport:        {args.out.rstrip('/')}/report/index.html")
     return EXIT_OK
 
 
@@ -276,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--gamma", type=float, default=0.1, help="fraction trimmed from each dNLL tail")
             p.add_argument("--strategy", default="instructdiff", help="one of: " + ", ".join(sorted(STRATEGIES)))
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--format", choices=["auto", "jsonl", "parquet"], default="auto")
+            p.add_argument("--format", choices=["auto", "jsonl", "parquet", "json", "csv"], default="auto")
+            p.add_argument("--export", choices=["auto", "always", "never"], default="auto",
+                           help="write the selected records: auto when the corpus is reachable from here (else a "
+                                "warning), always (fail without it), never (ids, selection.parquet, stats only)")
         elif name == "demo":
             p.add_argument("--out", default="runs/demo")
             p.add_argument("--limit", type=int, help="use only the first N tasks")

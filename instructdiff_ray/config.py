@@ -130,7 +130,9 @@ class SelectionConfig(_Strict):
     gamma: float = Field(0.1, ge=0, lt=0.5, description="fraction trimmed from each dNLL tail")
     strategy: str = "instructdiff"
     seed: int = 0
-    output_format: Literal["auto", "jsonl", "parquet"] = "auto"
+    output_format: Literal["auto", "jsonl", "parquet", "json", "csv"] = "auto"
+    export: Literal["auto", "always", "never"] = Field(
+        "auto", description="write the selected records: auto when the corpus is reachable (else warn), always, never")
 
 
 class RunOptions(_Strict):

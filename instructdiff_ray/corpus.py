@@ -1,8 +1,21 @@
-"""Corpus stage: find files, plan shards deterministically, read and normalise rows.
+"""Corpus stage: find files, plan shards once, read and normalise rows.
 
 A shard is a contiguous row range of one file and the unit of work, output and resume. The
-plan depends only on the input files and `shard_rows`, so a rerun plans the same shards.
-Every physical row of the input comes out of `read_shard` exactly once, either as a normalised
+plan depends only on the input files (by content) and the data settings; it is computed once
+per run directory (`_plan.json`) and reused by every round, `status` and resume.
+
+Planning never parses a row twice per shard and never needs a driver-side pass per shard:
+- JSONL: the file is cut into 64 MiB byte ranges, scanned in parallel (Ray tasks when attached,
+  threads otherwise) for line starts; each range is split into shards of `shard_rows` non-blank
+  lines (a range's last shard may be shorter). A shard is `(byte_start, n_rows)`, so reading it
+  is one seek and a sequential read.
+- gzip (`.jsonl.gz`): cannot seek, so the file is scanned by one sequential task and read by one
+  sequential task that yields all of its shards in order (a read unit per file).
+- Parquet: planned from the footer alone; shards never cross a row group, and a row group is one
+  read unit, streamed in batches (never converted whole).
+- JSON arrays and CSV: parsed once to count rows, once per read unit (the file) to read.
+
+Every physical row of the input comes out of `iter_unit` exactly once, either as a normalised
 sample or with a status and reason; nothing is dropped silently.
 """
 
@@ -15,9 +28,14 @@ from typing import Any, Iterator
 
 import fsspec
 
+from . import rundir
 from .config import ConfigError, DataConfig
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+RANGE_BYTES = 64 << 20  # a JSONL planning range
+PARQUET_BATCH = 4096  # rows decoded at a time from a row group
+FULL_DIGEST_BYTES = 256 << 20  # local files up to this size are digested whole
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 16, 1 << 20
 
 # Status codes a row can end with before it reaches a model.
 MALFORMED = "malformed_json"
@@ -35,16 +53,36 @@ class Shard:
     path: str
     fmt: str
     row_start: int  # first row index (for jsonl: physical line number) in the file
-    row_stop: int
+    row_stop: int  # one past the last row (jsonl: the line after the shard's last line)
     n_rows: int  # rows this shard yields (jsonl: non-blank lines in the range)
-    byte_start: int | None = None  # jsonl only: where row_start begins
+    byte_start: int | None = None  # jsonl only: where row_start begins (in the decompressed stream for .gz)
+    group: int | None = None  # parquet only: the row group that holds the shard
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Shard":
-        return Shard(**{k: d[k] for k in Shard.__dataclass_fields__})
+        return Shard(**{k: d.get(k) for k in Shard.__dataclass_fields__})
+
+    @property
+    def unit(self) -> str:
+        """Shards with the same unit are read together, in one sequential pass."""
+        if self.fmt == "jsonl" and not _compressed(self.path):
+            return f"{self.path}#{self.shard_id}"
+        if self.fmt == "parquet":
+            return f"{self.path}#rg{self.group}"
+        return self.path
+
+
+@dataclass
+class Plan:
+    shards: list[Shard]
+    files: list[dict[str, Any]]  # file fingerprints, by content
+
+    @property
+    def rows(self) -> int:
+        return sum(s.n_rows for s in self.shards)
 
 
 @dataclass
@@ -73,14 +111,25 @@ def _fmt_of(path: str, fmt: str) -> str | None:
     return None
 
 
+def _compressed(path: str) -> bool:
+    return path.lower().endswith(".gz")
+
+
+def _hidden(relative: str) -> bool:
+    """Hidden (`.ipynb_checkpoints`, `.git`) and `_`-prefixed (`_SUCCESS`, `_manifest.json`) names
+    are bookkeeping of other tools, never data."""
+    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+
+
 def list_files(cfg: DataConfig) -> list[tuple[str, str]]:
-    """Expand directories, keep known formats, in a sorted, stable order."""
+    """Expand directories (skipping hidden and `_` names), keep known formats, in a sorted, stable order."""
     out: list[tuple[str, str]] = []
     for p in cfg.paths:
         fs, root = fsspec.core.url_to_fs(p)
         protocol = p.split("://")[0] + "://" if "://" in p else ""
         if fs.isdir(root):
-            names = sorted(fs.find(root))
+            base = root.rstrip("/") + "/"
+            names = sorted(n for n in fs.find(root) if not _hidden(n[len(base):] if n.startswith(base) else n))
             found = [(protocol + n if protocol else n, _fmt_of(n, cfg.format)) for n in names]
             found = [(n, f) for n, f in found if f]
             if not found:
@@ -100,17 +149,57 @@ def _open(path: str, mode: str = "rb"):
     return fsspec.open(path, mode, compression="infer")
 
 
-def _jsonl_line_starts(path: str) -> Iterator[tuple[int, int]]:
-    """(line number, byte offset) of every non-blank line, streaming (constant memory)."""
+def file_fingerprint(url: str) -> dict[str, Any]:
+    """An input file by content: its sha256 when local and up to 256 MiB; otherwise size,
+    mtime/ETag and the sha256 of 16 evenly spaced 1 MiB blocks (head and tail included)."""
+    fs, path = rundir.fs_of(url)
+    info = fs.info(path)
+    size = int(info["size"])
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        if rundir.is_local(url) and size <= FULL_DIGEST_BYTES:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                h.update(block)
+            return {"path": url, "size": size, "sha256": h.hexdigest()}
+        span = max(size - SAMPLE_BLOCK_BYTES, 0)
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(span * i // (SAMPLE_BLOCKS - 1))
+            h.update(f.read(SAMPLE_BLOCK_BYTES))
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return {"path": url, "size": size, "version": str(version), "sampled_sha256": h.hexdigest()}
+
+
+def scan_jsonl(path: str, byte_start: int, byte_stop: int | None, shard_rows: int,
+               max_rows: int | None = None) -> dict[str, Any]:
+    """The lines that START in [byte_start, byte_stop) of one file (the whole stream for None),
+    cut into chunks of `shard_rows` non-blank lines: [byte offset, first line, rows, line after
+    last], line numbers relative to the range. Streams: memory does not grow with the range."""
+    chunks: list[list[int]] = []
+    lines = 0
     with _open(path) as f:
-        offset = 0
-        for lineno, line in enumerate(f):
+        pos = 0
+        if byte_start > 0:
+            f.seek(byte_start - 1)
+            pos = byte_start - 1 + len(f.readline())  # the first line that starts at or after byte_start
+        rows = 0
+        for line in f:
+            if byte_stop is not None and pos >= byte_stop:
+                break
             if line.strip():
-                yield lineno, offset
-            offset += len(line)
+                if max_rows is not None and rows >= max_rows:
+                    break
+                if not chunks or chunks[-1][2] == shard_rows:
+                    chunks.append([pos, lines, 0, 0])
+                chunks[-1][2] += 1
+                chunks[-1][3] = lines + 1
+                rows += 1
+            lines += 1
+            pos += len(line)
+    return {"chunks": chunks, "lines": lines}
 
 
-def _count_rows(path: str, fmt: str) -> int:
+def count_table_rows(path: str, fmt: str) -> int:
+    """Rows of a JSON array or CSV (parsed once); rows of a Parquet file from its footer."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -119,45 +208,102 @@ def _count_rows(path: str, fmt: str) -> int:
     return len(_load_table_rows(path, fmt))
 
 
+def _parquet_groups(path: str) -> list[int]:
+    import pyarrow.parquet as pq
+
+    with _open(path) as f:
+        meta = pq.ParquetFile(f).metadata
+        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+
 def plan_shards(cfg: DataConfig) -> list[Shard]:
     """Deterministic shard plan over all input files; honours `limit` in file order."""
-    shards: list[Shard] = []
-    remaining = cfg.limit if cfg.limit is not None else float("inf")
+    from .runtime import map_tasks
+
+    jobs: list[tuple[str, tuple]] = []  # (format, scan arguments), in file order
     for path, fmt in list_files(cfg):
-        if remaining <= 0:
-            break
-        if fmt == "jsonl":
-            group: list[tuple[int, int]] = []
-            for lineno, offset in _jsonl_line_starts(path):
-                if remaining <= 0:
-                    break
-                group.append((lineno, offset))
-                remaining -= 1
-                if len(group) == cfg.shard_rows:
-                    shards.append(_jsonl_shard(len(shards), path, group))
-                    group = []
-            if group:
-                shards.append(_jsonl_shard(len(shards), path, group))
+        if fmt == "jsonl" and not _compressed(path):
+            fs, local = rundir.fs_of(path)
+            size = int(fs.info(local)["size"])
+            jobs += [(fmt, (path, b, min(b + RANGE_BYTES, size), cfg.shard_rows)) for b in range(0, size, RANGE_BYTES)]
+        elif fmt == "jsonl":
+            jobs.append((fmt, (path, 0, None, cfg.shard_rows)))
         else:
-            n = min(_count_rows(path, fmt), remaining)
-            remaining -= n
-            for start in range(0, int(n), cfg.shard_rows):
-                stop = int(min(start + cfg.shard_rows, n))
-                shards.append(Shard(len(shards), path, fmt, start, stop, stop - start))
+            jobs.append((fmt, (path, fmt)))
+    if cfg.limit is None:
+        results = map_tasks(_scan_job, jobs)
+    else:  # in file order, stopping at the limit
+        results, left = [], cfg.limit
+        for fmt, args in jobs:
+            if left <= 0:
+                break
+            results.append(_scan_job(fmt, args, left))
+            left -= _rows_of(fmt, results[-1])
+    shards: list[Shard] = []
+    left = cfg.limit if cfg.limit is not None else float("inf")
+    line_base: dict[str, int] = {}
+    for (fmt, args), res in zip(jobs, results):
+        path = args[0]
+        if fmt == "jsonl":
+            base = line_base.get(path, 0)
+            for byte, first, n, stop in res["chunks"]:
+                shards.append(Shard(len(shards), path, fmt, base + first, base + stop, n, byte))
+                left -= n
+            line_base[path] = base + res["lines"]
+            continue
+        groups = res if fmt == "parquet" else [res]
+        start = 0
+        for g, size in enumerate(groups):
+            take = int(min(size, left))
+            left -= take
+            for a in range(start, start + take, cfg.shard_rows):
+                b = min(a + cfg.shard_rows, start + take)
+                shards.append(Shard(len(shards), path, fmt, a, b, b - a, group=g if fmt == "parquet" else None))
+            start += size
     if not shards:
         raise ConfigError("data.paths: the corpus has no rows")
     return shards
 
 
-def _jsonl_shard(shard_id: int, path: str, group: list[tuple[int, int]]) -> Shard:
-    return Shard(shard_id, path, "jsonl", group[0][0], group[-1][0] + 1, len(group), group[0][1])
+def _scan_job(fmt: str, args: tuple, max_rows: int | None = None) -> Any:
+    if fmt == "jsonl":
+        return scan_jsonl(*args, max_rows=max_rows)
+    if fmt == "parquet":
+        return _parquet_groups(args[0])
+    return count_table_rows(*args)
+
+
+def _rows_of(fmt: str, res: Any) -> int:
+    if fmt == "jsonl":
+        return sum(c[2] for c in res["chunks"])
+    return sum(res) if fmt == "parquet" else res
+
+
+def load_plan(cfg: DataConfig, plan_dir: str | None) -> Plan:
+    """The run directory's plan when it was made for these files (by content) and settings;
+    otherwise a new plan, stored there for every later round, `status` and resume."""
+    files = [file_fingerprint(p) for p, _ in list_files(cfg)]
+    key = {"data": cfg.model_dump(mode="json"), "files": files}
+    if plan_dir:
+        stored = rundir.read_plan(plan_dir)
+        if stored is not None and stored.get("key") == key:
+            return Plan([Shard.from_dict(d) for d in stored["shards"]], files)
+    try:
+        plan = Plan(plan_shards(cfg), files)
+    except ConfigError:
+        raise
+    except Exception as err:  # unreadable file, permission, a damaged Parquet footer
+        raise ConfigError(f"data.paths: cannot plan shards: {type(err).__name__}: {err}") from err
+    if plan_dir:
+        rundir.write_plan(plan_dir, {"key": key, "shards": [s.to_dict() for s in plan.shards]})
+    return plan
 
 
 def _load_table_rows(path: str, fmt: str) -> list[Any]:
     if fmt == "json":
         with _open(path) as f:
             try:
-                data = json.load(f)
+                data = json.loads(f.read().decode("utf-8-sig"))
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise ConfigError(f"{path}: not a valid JSON array ({err}); use JSONL for line-level recovery") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -169,52 +315,93 @@ def _load_table_rows(path: str, fmt: str) -> list[Any]:
         import pandas as pd
 
         with _open(path) as f:
-            frame = pd.read_csv(f, dtype=str, keep_default_na=False)
+            frame = pd.read_csv(f, dtype=str, keep_default_na=False, encoding="utf-8-sig")
         return frame.to_dict("records")
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with _open(path) as f:
-            return pq.read_table(f).to_pylist()
     raise ValueError(fmt)
 
 
-def read_raw(shard: Shard) -> Iterator[tuple[int, Any, str | None, str | None]]:
-    """Yield (source_row, record, error_status, raw_text) for every row of the shard."""
-    if shard.fmt == "jsonl":
-        with _open(shard.path) as f:
-            f.seek(shard.byte_start or 0)  # gzip streams seek too (by decompressing)
-            lineno = shard.row_start if shard.byte_start is not None else 0
-            for line in f:
-                if lineno >= shard.row_stop:
-                    break
-                if lineno >= shard.row_start and line.strip():
-                    yield (lineno, *_parse_line(line))
-                lineno += 1
-        return
-    if shard.fmt == "parquet":
-        import pyarrow.parquet as pq
+Raw = tuple[int, Any, "str | None", "str | None"]  # (source_row, record, error status, raw text)
 
-        with _open(shard.path) as f:
-            pf = pq.ParquetFile(f)
-            seen = 0
-            for rg in range(pf.num_row_groups):
-                n = pf.metadata.row_group(rg).num_rows
-                if seen + n > shard.row_start and seen < shard.row_stop:
-                    rows = pf.read_row_group(rg).to_pylist()
-                    for i, rec in enumerate(rows):
-                        if shard.row_start <= seen + i < shard.row_stop:
-                            yield seen + i, rec, None, None
-                seen += n
-        return
-    rows = _load_table_rows(shard.path, shard.fmt)
-    for i in range(shard.row_start, shard.row_stop):
-        yield i, rows[i], None, None
+
+def read_units(shards: list[Shard]) -> list[list[Shard]]:
+    """Shards grouped by read unit, in plan order."""
+    units: dict[str, list[Shard]] = {}
+    for s in shards:
+        units.setdefault(s.unit, []).append(s)
+    return list(units.values())
+
+
+def iter_unit(shards: list[Shard]) -> Iterator[tuple[Shard, list[Raw]]]:
+    """The raw rows of each shard of one read unit, in one sequential pass over the unit."""
+    order = sorted(shards, key=lambda s: (s.row_start, s.shard_id))
+    fmt = order[0].fmt
+    if fmt == "jsonl":
+        yield from _iter_jsonl(order)
+    elif fmt == "parquet":
+        yield from _iter_parquet(order)
+    else:
+        rows = _load_table_rows(order[0].path, fmt)
+        for s in order:
+            yield s, [(i, rows[i], None, None) for i in range(s.row_start, s.row_stop)]
+
+
+def _iter_jsonl(order: list[Shard]) -> Iterator[tuple[Shard, list[Raw]]]:
+    path = order[0].path
+    seekable = not _compressed(path)
+    with _open(path) as f:
+        pos, lineno = 0, 0
+        for s in order:
+            if seekable:
+                f.seek(s.byte_start)
+                pos, lineno = s.byte_start, s.row_start
+            while pos < s.byte_start:  # gzip: decompress forward to the shard (one pass per file)
+                line = f.readline()
+                if not line:
+                    break
+                pos, lineno = pos + len(line), lineno + 1
+            if pos != s.byte_start or lineno != s.row_start:
+                raise RuntimeError(f"{path} changed since it was planned (shard {s.shard_id} starts at byte "
+                                   f"{s.byte_start}, line {s.row_start + 1}); plan the run again")
+            rows: list[Raw] = []
+            while len(rows) < s.n_rows:
+                line = f.readline()
+                if not line:
+                    raise RuntimeError(f"{path} ended before its planned row {s.row_start + len(rows)}; plan the run again")
+                if line.strip():
+                    rows.append((lineno, *_parse_line(line)))
+                pos, lineno = pos + len(line), lineno + 1
+            yield s, rows
+
+
+def _iter_parquet(order: list[Shard]) -> Iterator[tuple[Shard, list[Raw]]]:
+    import pyarrow.parquet as pq
+
+    path, group = order[0].path, order[0].group
+    with _open(path) as f:
+        pf = pq.ParquetFile(f)
+        row = sum(pf.metadata.row_group(g).num_rows for g in range(group))  # file row of the batch's first row
+        pending = iter(order)
+        s = next(pending)
+        rows: list[Raw] = []
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=[group]):
+            end = row + batch.num_rows
+            while s is not None and s.row_start < end:
+                a, b = max(s.row_start, row), min(s.row_stop, end)
+                rows += [(a + i, rec, None, None) for i, rec in enumerate(batch.slice(a - row, b - a).to_pylist())]
+                if s.row_stop > end:
+                    break
+                yield s, rows
+                rows, s = [], next(pending, None)
+            if s is None:
+                return
+            row = end
+        if s is not None:
+            raise RuntimeError(f"{path} changed since it was planned (row group {group} is shorter); plan the run again")
 
 
 def _parse_line(line: bytes) -> tuple[Any, str | None, str | None]:
     try:
-        text = line.decode("utf-8")
+        text = line.decode("utf-8").lstrip("\ufeff")  # a byte-order mark, as some editors write it
     except UnicodeDecodeError as err:
         return None, INVALID_UTF8, line[:2000].decode("utf-8", "replace") + f"  [{err}]"
     try:
@@ -328,10 +515,10 @@ def _bad(s: Sample, status: str, reason: str) -> Sample:
     return s
 
 
-def read_shard(shard: Shard, cfg: DataConfig) -> list[Sample]:
-    """All rows of one shard, normalised; unparseable rows keep their raw text for quarantine."""
+def normalize_rows(shard: Shard, rows: list[Raw], cfg: DataConfig) -> list[Sample]:
+    """A shard's raw rows, normalised; unparseable rows keep their raw text for quarantine."""
     out = []
-    for row, rec, err, raw in read_raw(shard):
+    for row, rec, err, raw in rows:
         if err:
             s = _bad(Sample(shard.path, row), err, f"line {row + 1}: {raw[-200:] if raw else ''}")
             s.raw = raw
@@ -341,17 +528,36 @@ def read_shard(shard: Shard, cfg: DataConfig) -> list[Sample]:
     return out
 
 
+def read_shard(shard: Shard, cfg: DataConfig) -> list[Sample]:
+    """All rows of one shard, normalised (reads its whole unit up to the shard: for tests and
+    small reads; the pipeline reads whole units with `iter_unit`)."""
+    for s, rows in iter_unit([shard]):
+        return normalize_rows(s, rows, cfg)
+    return []
+
+
 def read_rows(path: str, fmt: str, wanted: set[int]) -> Iterator[tuple[int, Any]]:
-    """The user's original records at the given row indices (for writing the selection)."""
+    """The user's original records at a few row indices, streaming (the report's examples)."""
     if fmt == "jsonl":
         with _open(path) as f:
             for lineno, line in enumerate(f):
                 if lineno in wanted:
-                    yield lineno, json.loads(line)
+                    yield lineno, json.loads(line.decode("utf-8-sig"))
+        return
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with _open(path) as f:
+            row = 0
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH):
+                for i in [i for i in sorted(wanted) if row <= i < row + batch.num_rows]:
+                    yield i, batch.slice(i - row, 1).to_pylist()[0]
+                row += batch.num_rows
         return
     for i, rec in enumerate(_load_table_rows(path, fmt)):
         if i in wanted:
             yield i, rec
 
 
-__all__ = ["Shard", "Sample", "plan_shards", "read_shard", "read_rows", "list_files", "normalize"]
+__all__ = ["Shard", "Sample", "Plan", "plan_shards", "load_plan", "read_units", "iter_unit", "normalize_rows",
+           "read_shard", "read_rows", "list_files", "normalize", "file_fingerprint"]

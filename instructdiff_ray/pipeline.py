@@ -7,7 +7,7 @@ different fingerprint refuses to mix results.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,18 +15,15 @@ from typing import Any
 
 from . import rundir
 from .config import ConfigError, RunConfig
-from .corpus import Shard, plan_shards
+from .corpus import Plan, Shard, list_files, load_plan, read_units
 from .progress import Progress
 from .rundir import FingerprintMismatch, LeaseHeld, join, round_dir
 from .runtime import code_version, environment, gpus_per_actor, init_ray
-from .scoring import ERROR_STATUSES, ScoreActor, tokenize_shard, write_shard
+from .scoring import ERROR_STATUSES, ScoreActor, tokenize_unit, write_shard
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FingerprintMismatch", "LeaseHeld", "TooManyErrors", "score_corpus", "run_job", "init_ray"]
-
-FULL_DIGEST_BYTES = 256 << 20  # local files up to this size are digested whole
-SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 16, 1 << 20
 
 
 class TooManyErrors(RuntimeError):
@@ -55,28 +52,8 @@ class ScoreSummary:
         return d
 
 
-def file_fingerprint(url: str) -> dict[str, Any]:
-    """An input file by content: its sha256 when local and up to 256 MiB; otherwise size,
-    mtime/ETag and the sha256 of 16 evenly spaced 1 MiB blocks (head and tail included)."""
-    fs, path = rundir.fs_of(url)
-    info = fs.info(path)
-    size = int(info["size"])
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        if rundir.is_local(url) and size <= FULL_DIGEST_BYTES:
-            for block in iter(lambda: f.read(8 << 20), b""):
-                h.update(block)
-            return {"path": url, "size": size, "sha256": h.hexdigest()}
-        span = max(size - SAMPLE_BLOCK_BYTES, 0)
-        for i in range(SAMPLE_BLOCKS):
-            f.seek(span * i // (SAMPLE_BLOCKS - 1))
-            h.update(f.read(SAMPLE_BLOCK_BYTES))
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-    return {"path": url, "size": size, "version": str(version), "sampled_sha256": h.hexdigest()}
-
-
 def fingerprint(
-    cfg: RunConfig, shards: list[Shard], base: str, warmup: str | None, base_scores_dir: str | None
+    cfg: RunConfig, plan: Plan, base: str, warmup: str | None, base_scores_dir: str | None
 ) -> dict[str, Any]:
     """Everything that changes the numbers in a score file (not batch sizes or actor counts);
     `base` and `warmup` are pinned model specs (a Hub model by its commit)."""
@@ -85,7 +62,7 @@ def fingerprint(
     code = code_version()
     return {
         "data": cfg.data.model_dump(exclude={"paths"}),
-        "files": [file_fingerprint(p) for p in sorted({s.path for s in shards})],
+        "files": sorted(plan.files, key=lambda f: f["path"]),
         "template": cfg.template.model_dump(),
         "base_model": identity(base),
         "warmup_model": identity(warmup) if warmup else None,
@@ -104,9 +81,11 @@ def prepare_out_dir(out_dir: str, fp: dict[str, Any], shards: list[Shard]) -> li
 
 
 def score_corpus(
-    cfg: RunConfig, out_dir: str, warmup: str | None = None, base_scores_dir: str | None = None, label: str = "score"
+    cfg: RunConfig, out_dir: str, warmup: str | None = None, base_scores_dir: str | None = None,
+    label: str = "score", plan: Plan | None = None,
 ) -> ScoreSummary:
-    """Score the corpus into `out_dir` on Ray Data, resuming from any finished shards.
+    """Score the corpus into `out_dir` on Ray Data, resuming from any finished shards; `plan` is
+    the run directory's (else the one stored in `out_dir`, made if absent).
 
     The caller holds the run directory's lease. Raises TooManyErrors after everything is
     written when more rows failed than `run.max_error_fraction` allows."""
@@ -118,8 +97,9 @@ def score_corpus(
     t0 = time.monotonic()
     base = pin(cfg.model.base)  # every node loads the same commit of a Hub model
     warmup = pin(warmup) if warmup else None
-    shards = plan_shards(cfg.data)
-    fp = fingerprint(cfg, shards, base, warmup, base_scores_dir)
+    plan = plan or load_plan(cfg.data, out_dir)
+    shards = plan.shards
+    fp = fingerprint(cfg, plan, base, warmup, base_scores_dir)
     pending = prepare_out_dir(out_dir, fp, shards)
     progress = Progress(label, sum(s.n_rows for s in shards), cfg.progress)
     progress.update(sum(s.n_rows for s in shards if s not in pending))
@@ -127,10 +107,13 @@ def score_corpus(
         progress.note(f"resuming: {len(shards) - len(pending)} of {len(shards)} shards already done")
     if pending:
         init_ray(cfg)
-        ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
-        ds = ds.map(tokenize_shard, fn_kwargs={"cfg": cfg, "tokenizer": base}, num_cpus=cfg.ray.tokenize_cpus)
+        units = [{"shards": json.dumps([s.to_dict() for s in u])} for u in read_units(pending)]
+        ds = ray.data.from_items(units, override_num_blocks=len(units))
+        ds = ds.map_batches(tokenize_unit, batch_size=1, fn_kwargs={"cfg": cfg, "tokenizer": base},
+                            num_cpus=cfg.ray.tokenize_cpus)
         ds = ds.map_batches(
             ScoreActor,
+            batch_format="pyarrow",
             fn_constructor_kwargs={"cfg": cfg, "base": base, "warmup": warmup, "base_scores_dir": base_scores_dir},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=cfg.ray.min_actors, max_size=cfg.ray.max_actors),
@@ -201,14 +184,9 @@ def summarize(out_dir: str, shards: list[Shard], skipped: int, wall: float) -> S
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Config-time checks that need the file system but no model weights: the shard plan, and
+    """Config-time checks that need the file system but no model weights: the input files, and
     for a local model directory its context length and (template.kind=chat) its chat template."""
-    try:
-        plan_shards(cfg.data)
-    except ConfigError:
-        raise
-    except Exception as err:  # unreadable file, permission, bad parquet
-        raise ConfigError(f"data.paths: cannot plan shards: {err}") from err
+    list_files(cfg.data)  # the shard plan itself is made once, in the run directory
     check_model_fits_template(cfg)
 
 
@@ -283,7 +261,8 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
 
     t0 = time.monotonic()
     rundir.record_invocation(cfg.out, cfg.model_dump(mode="json"), environment())
-    shards = plan_shards(cfg.data)
+    plan = load_plan(cfg.data, cfg.out)
+    shards = plan.shards
     rounds: list[dict[str, Any]] = []
     train_rows: dict[str, set[int]] | None = None
     for k in range(1, cfg.rounds + 1):
@@ -306,7 +285,7 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
         lease.check()
         t = time.monotonic()
         base_from = join(round_dir(cfg.out, 1), "scores") if k > 1 else None
-        summary = score_corpus(cfg, join(rdir, "scores"), warmup=warm_model, base_scores_dir=base_from, label=f"score r{k}")
+        summary = score_corpus(cfg, join(rdir, "scores"), warm_model, base_from, f"score r{k}", plan)
         timings["score_s"] = time.monotonic() - t
         lease.check()
         t = time.monotonic()
@@ -314,13 +293,13 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
         commit = rundir.committed_selection(sel_dir)
         if commit is None:
             sel = select(load_scores(join(rdir, "scores")), cfg.selection)
-            paths = write_selection(sel, sel_dir, cfg.selection.output_format)
+            paths = write_selection(sel, sel_dir, cfg.selection.output_format, cfg.selection.export, shards)
             stats = sel.stats
         else:
             paths, stats = commit["paths"], rundir.read_json(commit["paths"]["stats"])
         timings["select_s"] = time.monotonic() - t
         Progress(f"select r{k}", 1, cfg.progress).note(
-            f"{stats['selected_rows']} of {stats['rows_scored']} rows selected -> {paths['data']}")
+            f"{stats['selected_rows']} of {stats['rows_scored']} rows selected -> {paths.get('data', 'ids and scores only (records not exported)')}")
         train_rows = selected_rows(paths["scores"])
         rounds.append({"round": k, "warmup": warm_info, "scoring": summary.to_dict(), "selection": stats,
                        "paths": paths, "timings": timings})

@@ -159,7 +159,7 @@ def write_run_report(run_dir: str) -> dict[str, str]:
             f"- scoring: {sc['rows']} rows in {sc['shards_total']} shards ({sc['shards_skipped']} resumed); "
             f"base pass {sc['base_tokens']} tok ({_rate(sc['base_tokens_per_s'])}), warmup pass {sc['warmup_tokens']} tok ({_rate(sc['warmup_tokens_per_s'])})",
             "- timings: " + ", ".join(f"{k2} {v:.1f}" for k2, v in rnd["timings"].items()),
-            f"- selected data: `{rnd['paths']['data']}`\n",
+            f"- selected data: `{rnd['paths'].get('data', '(not exported)')}`\n",
         ]
         md += lines
         sections.append(f"<h2>Round {k}</h2><pre>{html.escape(chr(10).join(lines[1:]))}</pre>" + "".join(imgs))

@@ -5,13 +5,14 @@ directory or writes one in place.
 A run directory (`out`):
 
     _lease.json                  who drives this run (holder, heartbeat, ttl)
+    _plan.json                   the shard plan and what it was made from (input fingerprints, data settings)
     _run_config.json             every invocation: when, where, code version, config
     _run_summary.json            the finished job's summary
     round-K/warmup/              adapter/, merged/, loss.json, then _WARMUP_DONE.json (the stamp)
     round-K/scores/              _manifest.json, shard-NNNNN.parquet, _done/shard-NNNNN.json (markers),
                                  _quarantine/, _summary.json
-    round-K/selection/           selected_ids.txt, selection.parquet, stats.json, selected.<fmt>,
-                                 then _SELECTION_DONE.json (the commit)
+    round-K/selection/           selected_ids.txt, selection.parquet, stats.json, selected.<fmt>
+                                 (via _export/part-*.jsonl), then _SELECTION_DONE.json (the commit)
 
 Commit rules: a file is complete or absent. On a local disk every file is written to a
 temporary name beside it and renamed into place; on object stores an object appears only when
@@ -45,12 +46,14 @@ log = logging.getLogger(__name__)
 LEASE = "_lease.json"
 RUN_CONFIG = "_run_config.json"
 RUN_SUMMARY = "_run_summary.json"
+PLAN = "_plan.json"
 MANIFEST = "_manifest.json"
 SCORES_SUMMARY = "_summary.json"
 DONE_DIR = "_done"
 QUARANTINE_DIR = "_quarantine"
 WARMUP_STAMP = "_WARMUP_DONE.json"
 SELECTION_COMMIT = "_SELECTION_DONE.json"
+EXPORT_PARTS = "_export"  # part files of an export in progress
 TMP_SUFFIX = ".tmp"
 
 
@@ -306,8 +309,23 @@ def round_dirs(run_dir: str) -> list[str]:
 # ---------------------------------------------------------------- scores: manifest and shard markers
 
 
+def read_plan(run_dir: str) -> dict[str, Any] | None:
+    url = join(run_dir, PLAN)
+    return read_json(url) if exists(url) else None
+
+
+def write_plan(run_dir: str, plan: dict[str, Any]) -> None:
+    write_json(url := join(run_dir, PLAN), plan, indent=None)
+    log.debug("wrote %s", url)
+
+
 def shard_name(shard_id: int) -> str:
-    return f"shard-{shard_id:05d}"
+    """Eight digits sort by name up to 10^8 shards; listings are ordered by the parsed id anyway."""
+    return f"shard-{shard_id:08d}"
+
+
+def shard_id_of(name: str) -> int:
+    return int(name.rsplit("/", 1)[-1].split("-", 1)[1].split(".", 1)[0])
 
 
 def shard_file(scores_dir: str, shard_id: int) -> str:
@@ -370,7 +388,7 @@ def score_files(scores_dir: str) -> list[str]:
     """The Parquet files of finished shards (all *.parquet for a directory without markers)."""
     fs, root = fs_of(scores_dir)
     prefix = scores_dir.split("://")[0] + "://" if "://" in scores_dir else ""
-    markers = sorted(fs.glob(join(root, DONE_DIR, "shard-*.json")))
+    markers = sorted(fs.glob(join(root, DONE_DIR, "shard-*.json")), key=shard_id_of)
     if markers:
         return [prefix + join(root, p.rsplit("/", 1)[-1][: -len(".json")] + ".parquet") for p in markers]
     return [prefix + p for p in sorted(fs.glob(join(root, "*.parquet")))]
@@ -378,7 +396,7 @@ def score_files(scores_dir: str) -> list[str]:
 
 def unmarked_shard_files(scores_dir: str, done: set[int]) -> list[str]:
     fs, root = fs_of(scores_dir)
-    return [p for p in fs.glob(join(root, "shard-*.parquet")) if int(p.rsplit("-", 1)[-1].split(".")[0]) not in done]
+    return [p for p in fs.glob(join(root, "shard-*.parquet")) if shard_id_of(p) not in done]
 
 
 def write_scores_summary(scores_dir: str, summary: dict[str, Any]) -> None:

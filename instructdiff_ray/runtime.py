@@ -141,3 +141,21 @@ def environment() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return {"python": sys.version.split()[0], "packages": versions, "code": code_version()}
+
+
+def map_tasks(fn, jobs: list[tuple], num_cpus: float = 1) -> list[Any]:
+    """fn(*job) for every job, in order: as Ray tasks on the cluster when attached (so work that
+    scales with the corpus never runs serially on the driver), else on a few local threads."""
+    if not jobs:
+        return []
+    if len(jobs) == 1:
+        return [fn(*jobs[0])]
+    import ray
+
+    if ray.is_initialized():
+        remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+        return ray.get([remote.remote(*job) for job in jobs])
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
+        return list(pool.map(lambda job: fn(*job), jobs))

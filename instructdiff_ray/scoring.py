@@ -1,6 +1,7 @@
 """Scoring stage: the three per-shard steps that Ray Data runs.
 
-1. `tokenize_shard` (CPU task): read + normalise + template + tokenize one shard.
+1. `tokenize_unit` (CPU task): read + normalise + template + tokenize the shards of one read
+   unit (corpus.py), yielding one Arrow row per shard.
 2. `ScoreActor` (actor pool, GPU or CPU): both model passes over the shard's ok rows.
 3. `write_shard` (CPU task): the shard's Parquet file, then its marker (rundir.write_shard_output).
 
@@ -22,7 +23,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import numpy as np
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from . import rundir
 from .config import RunConfig
-from .corpus import Shard, read_shard
+from .corpus import Sample, Shard, iter_unit, normalize_rows
 from .template import TEMPLATE_ERROR, tokenize_samples
 
 log = logging.getLogger(__name__)
@@ -61,27 +62,51 @@ QUARANTINE_STATUSES = {"malformed_json", "invalid_utf8"}
 ERROR_STATUSES = {SCORE_ERROR, TEMPLATE_ERROR, NONFINITE}
 
 
-def tokenize_shard(row: dict[str, Any], cfg: RunConfig, tokenizer: str) -> dict[str, Any]:
-    """CPU task: one shard spec in, one row with the tokenized shard (pickled) out. The tokenizer
-    is the base model's, resolved on this node (`tokenizer` is the pinned model spec)."""
-    shard = Shard.from_dict(row)
-    samples = read_shard(shard, cfg.data)
-    toks = tokenize_samples(samples, cfg.template, _cached_tokenizer(tokenizer))
-    payload = {
-        "meta": [(s.sample_id, s.source_file, s.source_row) for s in samples],
-        "quarantine": [
-            {"source_file": s.source_file, "line": s.source_row + 1, "status": s.status, "raw": s.raw}
-            for s in samples
-            if s.status in QUARANTINE_STATUSES
-        ],
-        "ids": [t.input_ids for t in toks],
-        "masks": [t.response_mask for t in toks],
-        "n_prompt": [t.n_prompt_tokens for t in toks],
-        "n_resp": [t.n_response_tokens for t in toks],
-        "status": [t.status for t in toks],
-        "reason": [t.reason for t in toks],
+# One tokenized shard per row, as Arrow columns (no pickled Python lists between stages).
+TOKENIZED = pa.schema([
+    ("shard_id", pa.int64()),
+    ("source_file", pa.string()),
+    ("sample_id", pa.list_(pa.string())),
+    ("source_row", pa.list_(pa.int64())),
+    ("input_ids", pa.list_(pa.list_(pa.int32()))),
+    ("response_mask", pa.list_(pa.list_(pa.bool_()))),
+    ("n_prompt", pa.list_(pa.int32())),
+    ("n_resp", pa.list_(pa.int32())),
+    ("status", pa.list_(pa.string())),
+    ("reason", pa.list_(pa.string())),
+    ("quarantine", pa.string()),  # JSON list of the shard's unparseable lines
+])
+
+
+def tokenize_unit(batch: dict[str, np.ndarray], cfg: RunConfig, tokenizer: str) -> Iterator[pa.Table]:
+    """CPU task: one read unit in (shard specs as JSON), one tokenized shard out per yield: the
+    unit's file is read in one sequential pass. The tokenizer is the base model's, resolved on
+    this node (`tokenizer` is the pinned model spec)."""
+    tok = _cached_tokenizer(tokenizer)
+    for spec in batch["shards"]:
+        shards = [Shard.from_dict(d) for d in json.loads(spec)]
+        for shard, rows in iter_unit(shards):
+            yield tokenize_rows(shard, normalize_rows(shard, rows, cfg.data), cfg, tok)
+
+
+def tokenize_rows(shard: Shard, samples: list[Sample], cfg: RunConfig, tokenizer: Any) -> pa.Table:
+    toks = tokenize_samples(samples, cfg.template, tokenizer)
+    quarantine = [{"source_file": s.source_file, "line": s.source_row + 1, "status": s.status, "raw": s.raw}
+                  for s in samples if s.status in QUARANTINE_STATUSES]
+    columns = {
+        "shard_id": [shard.shard_id],
+        "source_file": [shard.path],
+        "sample_id": [[s.sample_id for s in samples]],
+        "source_row": [[s.source_row for s in samples]],
+        "input_ids": [[t.input_ids for t in toks]],
+        "response_mask": [[t.response_mask for t in toks]],
+        "n_prompt": [[t.n_prompt_tokens for t in toks]],
+        "n_resp": [[t.n_response_tokens for t in toks]],
+        "status": [[t.status for t in toks]],
+        "reason": [[t.reason for t in toks]],
+        "quarantine": [json.dumps(quarantine, ensure_ascii=False)],
     }
-    return {"shard_id": shard.shard_id, "payload": pickle.dumps(payload, protocol=5)}
+    return pa.table(columns, schema=TOKENIZED)
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -126,12 +151,13 @@ class ScoreActor:
         )
         self.engine = make_engine(cfg.engine.name, base_dir, warmup_dir, settings)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def __call__(self, batch: pa.Table) -> dict[str, list]:
         from .engines import EngineFault
 
         out: dict[str, list] = {"shard_id": [], "payload": [], "stats": []}
-        for shard_id, blob in zip(batch["shard_id"], batch["payload"]):
-            payload = pickle.loads(blob)
+        for payload in batch.to_pylist():
+            shard_id = payload["shard_id"]
+            payload["quarantine"] = json.loads(payload["quarantine"])
             try:
                 table, stats = self.score_payload(int(shard_id), payload)
             except EngineFault as err:
@@ -145,7 +171,7 @@ class ScoreActor:
         return out
 
     def score_payload(self, shard_id: int, p: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
-        n = len(p["meta"])
+        n = len(p["sample_id"])
         status = list(p["status"])
         reason = list(p["reason"])
         ok = [i for i in range(n) if status[i] == "ok"]
@@ -159,7 +185,7 @@ class ScoreActor:
             passes = [q for q in passes if q == "base"]
         for which in passes:
             run = [i for i in ok if status[i] == "ok"]  # a row that failed the base pass is not run again
-            res = self.engine.score([p["ids"][i] for i in run], [p["masks"][i] for i in run], which)
+            res = self.engine.score([p["input_ids"][i] for i in run], [p["response_mask"][i] for i in run], which)
             cols[f"{which}_nll"][run] = res.nll
             cols[f"{which}_entropy"][run] = res.entropy
             stats[f"{which}_tokens"] += res.tokens
@@ -179,9 +205,9 @@ class ScoreActor:
             arr[~good] = np.nan  # only ok rows carry scores
         table = pa.table(
             {
-                "sample_id": [m[0] for m in p["meta"]],
-                "source_file": [m[1] for m in p["meta"]],
-                "source_row": [m[2] for m in p["meta"]],
+                "sample_id": p["sample_id"],
+                "source_file": [p["source_file"]] * n,
+                "source_row": p["source_row"],
                 "shard_id": [shard_id] * n,
                 "n_prompt_tokens": p["n_prompt"],
                 "n_response_tokens": p["n_resp"],
@@ -199,7 +225,7 @@ class ScoreActor:
         path = rundir.shard_file(self.base_scores_dir, shard_id)
         with fsspec.open(path, "rb") as f:
             prev = pq.read_table(f, columns=["sample_id", "source_row", "base_nll", "base_entropy", "status"]).to_pydict()
-        if prev["source_row"] != [m[2] for m in p["meta"]]:
+        if prev["source_row"] != p["source_row"]:
             raise RuntimeError(f"{path}: rows differ from this shard's plan; the base scores belong to another input")
         for i in range(len(status)):
             if status[i] == "ok" and prev["status"][i] != "ok":

@@ -9,8 +9,7 @@ loop over rows, so 10M rows take seconds.
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,10 @@ import pyarrow.parquet as pq
 
 from . import rundir
 from .config import SelectionConfig
+from .corpus import Shard
 from .faults import kill_point
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = {
     "instructdiff": "NLL two-tailed filter, then lowest signed ΔH first (the method)",
@@ -167,42 +169,35 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
     return Selection(rows=rows, stats=stats, kept_mask=keep, scored=scored)
 
 
-def write_selection(sel: Selection, out_dir: str, output_format: str = "auto") -> dict[str, str]:
-    """selected_ids.txt, selection.parquet (scores + rank), stats.json and the user's rows, each
-    written atomically, then the commit marker that makes the selection count."""
-    from .corpus import _fmt_of, read_rows
+def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", export: str = "auto",
+                    plan: list[Shard] | None = None) -> dict[str, str]:
+    """selected_ids.txt, selection.parquet (scores + rank), stats.json and the user's records
+    (export.py), each written atomically, then the commit marker that makes the selection count.
 
+    `export`: auto writes the records when every source file is reachable from here and warns
+    otherwise (scores copied off a cluster); always fails without them; never skips them."""
+    from .export import SourceMissing, export_selection, missing_sources
+    from .export import output_format as choose_format
+
+    sources = sorted(set(sel.rows.column("source_file").cast(pa.string()).to_pylist()))
+    missing = missing_sources(sources) if export != "never" else []
+    if missing and export == "always":
+        raise SourceMissing(f"cannot export the selected records: {len(missing)} source files are not reachable "
+                            f"from here (first: {missing[0]}); use --export never to write ids and scores only")
     rundir.clear_dir(rundir.join(out_dir, rundir.SELECTION_COMMIT))  # a rewrite is uncommitted until it finishes
     paths = rundir.selection_paths(out_dir)
     rundir.write_bytes(paths["ids"], "".join(f"{sid}\n" for sid in sel.rows.column("sample_id").to_pylist()).encode())
     rundir.write_parquet(paths["scores"], sel.rows)
     rundir.write_json(paths["stats"], sel.stats, indent=2)
     kill_point("selection.between_files")
-
-    wanted: dict[str, dict[int, int]] = defaultdict(dict)  # file -> source_row -> rank
-    for src, row, rank in zip(*(sel.rows.column(c).to_pylist() for c in ("source_file", "source_row", "rank"))):
-        wanted[src][row] = rank
-    formats = {_fmt_of(src, "auto") or "jsonl" for src in wanted}
-    fmt = output_format if output_format != "auto" else (formats.pop() if len(formats) == 1 else "jsonl")
-    fmt = {"json": "json", "csv": "csv", "parquet": "parquet"}.get(fmt, "jsonl")
-    records: list[tuple[int, Any]] = []
-    for src, rows in wanted.items():
-        for row, rec in read_rows(src, _fmt_of(src, "auto") or "jsonl", set(rows)):
-            records.append((rows[row], rec))
-    records.sort(key=lambda x: x[0])
-    data = [r for _, r in records]
-    paths["data"] = rundir.join(out_dir, f"selected.{fmt}")
-    if fmt == "parquet":
-        rundir.write_parquet(paths["data"], pa.Table.from_pylist(data))
-    elif fmt == "csv":
-        import pandas as pd
-
-        with rundir.open_atomic(paths["data"], "w") as f:
-            pd.DataFrame(data).to_csv(f, index=False)
-    elif fmt == "json":
-        rundir.write_json(paths["data"], data)
+    if export == "never":
+        log.info("selection: export of the records skipped (export=never)")
+    elif missing:
+        log.warning("selection: %d source files are not reachable from here (first: %s); wrote the ids, "
+                    "selection.parquet and stats, not the records (run `select` where the corpus is, or --export always)",
+                    len(missing), missing[0])
     else:
-        rundir.write_bytes(paths["data"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data).encode("utf-8"))
+        paths["data"], _ = export_selection(sel.rows, plan, out_dir, choose_format(sources, output_format))
     rundir.commit_selection(out_dir, paths, sel.stats)
     return paths
 

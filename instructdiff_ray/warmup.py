@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from . import rundir
-from .config import RunConfig
-from .corpus import Sample, Shard, read_shard
+from .config import DataConfig, RunConfig
+from .corpus import Sample, Shard, iter_unit, normalize_rows, read_units
 
 
 @dataclass
@@ -56,19 +56,42 @@ def draw_rows(shards: list[Shard], alpha: float, count: int | None, seed: int) -
 
 def collect_samples(cfg: RunConfig, shards: list[Shard], ordinals: set[int] | None = None,
                     rows: dict[str, set[int]] | None = None) -> list[Sample]:
-    """The ok samples at the given global ordinals, or at (file, row) positions; only shards
-    that hold a wanted row are read."""
-    wanted = np.array(sorted(ordinals or ()), dtype=np.int64)
-    out, base = [], 0
-    for shard in shards:
-        lo, hi = np.searchsorted(wanted, [base, base + shard.n_rows])
-        if hi > lo or (rows and shard.path in rows):
-            hits = set(wanted[lo:hi].tolist())
-            for i, s in enumerate(read_shard(shard, cfg.data)):
-                hit = (base + i) in hits if ordinals else s.source_row in rows.get(shard.path, ())
-                if hit and s.status == "ok":
-                    out.append(s)
-        base += shard.n_rows
+    """The ok samples at the given global ordinals, or at (file, row) positions. Only the read
+    units that hold a wanted row are read, in parallel (as Ray tasks when attached)."""
+    from .runtime import map_tasks
+
+    picks: dict[int, list[int]] = {}  # shard id -> wanted positions within the shard
+    if ordinals is not None:
+        wanted, base = np.array(sorted(ordinals), dtype=np.int64), 0
+        for shard in shards:
+            lo, hi = np.searchsorted(wanted, [base, base + shard.n_rows])
+            if hi > lo:
+                picks[shard.shard_id] = (wanted[lo:hi] - base).tolist()
+            base += shard.n_rows
+    else:
+        by_file = {path: np.array(sorted(r), dtype=np.int64) for path, r in (rows or {}).items()}
+        for shard in shards:
+            if shard.path in by_file:
+                arr = by_file[shard.path]
+                lo, hi = np.searchsorted(arr, [shard.row_start, shard.row_stop])
+                if hi > lo:
+                    picks[shard.shard_id] = arr[lo:hi].tolist()
+    units = read_units([s for s in shards if s.shard_id in picks])
+    jobs = [(cfg.data, u, {s.shard_id: picks[s.shard_id] for s in u}, ordinals is not None) for u in units]
+    return [s for part in map_tasks(_collect_unit, jobs) for s in part]
+
+
+def _collect_unit(data: DataConfig, unit: list[Shard], picks: dict[int, list[int]], by_ordinal: bool) -> list[Sample]:
+    out = []
+    for shard, raw in iter_unit(unit):
+        samples = normalize_rows(shard, raw, data)
+        want = picks[shard.shard_id]
+        if by_ordinal:
+            chosen = [samples[i] for i in want]
+        else:
+            rows = set(want)
+            chosen = [s for s in samples if s.source_row in rows]
+        out += [s for s in chosen if s.status == "ok"]
     return out
 
 

@@ -321,9 +321,9 @@ def test_s3_corpus_and_run_dir_with_resume(s3, reference, tmp_path, ray_local, t
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"warmup": str(tiny_lora)})})
     first = score_job(cfg)  # under a lease kept on the object store
     assert not s3.exists("instructdiff-test/run/scores/_lease.json")
-    s3.rm("instructdiff-test/run/scores/_done/shard-00004.json")
-    s3.rm("instructdiff-test/run/scores/shard-00007.parquet")
-    s3.rm("instructdiff-test/run/scores/_done/shard-00007.json")
+    s3.rm("instructdiff-test/run/scores/_done/shard-00000004.json")
+    s3.rm("instructdiff-test/run/scores/shard-00000007.parquet")
+    s3.rm("instructdiff-test/run/scores/_done/shard-00000007.json")
     again = score_job(cfg)
     assert first.shards_skipped == 0 and again.shards_skipped == 18 and again.rows == 200
     table = load_scores(out)

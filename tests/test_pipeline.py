@@ -83,7 +83,7 @@ def test_every_row_accounted_for_with_status(tmp_path, ray_local, tiny_model, ti
     assert summary.status_counts == {"ok": 25, "empty_response": 2, "too_long": 1, "malformed_json": 1, "missing_field": 1}
     assert all(t["delta_entropy"][r] is None for r in (3, 7, 11, 15, 20))  # null, never a NaN in the ranking
     assert all(np.isfinite(t["delta_entropy"][r]) for r, s in status.items() if s == "ok")
-    quarantine = (tmp_path / "out" / "_quarantine" / "shard-00001.jsonl").read_text().splitlines()
+    quarantine = (tmp_path / "out" / "_quarantine" / "shard-00000001.jsonl").read_text().splitlines()
     assert [json.loads(q)["line"] for q in quarantine] == [12]
 
 
@@ -92,9 +92,9 @@ def test_resume_skips_finished_shards_and_refuses_other_configs(tmp_path, ray_lo
     first = score_corpus(cfg, cfg.out, warmup=str(tiny_lora))
     before = _table(cfg.out)
     out = tmp_path / "out"
-    (out / "_done" / "shard-00002.json").unlink()  # as if killed after the file, before the marker
-    (out / "shard-00003.parquet").unlink()
-    (out / "_done" / "shard-00003.json").unlink()
+    (out / "_done" / "shard-00000002.json").unlink()  # as if killed after the file, before the marker
+    (out / "shard-00000003.parquet").unlink()
+    (out / "_done" / "shard-00000003.json").unlink()
     again = score_corpus(cfg, cfg.out, warmup=str(tiny_lora))
     assert first.shards_skipped == 0 and again.shards_skipped == 2 and again.rows == 40
     assert _table(cfg.out).equals(before)

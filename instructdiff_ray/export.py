@@ -1,0 +1,201 @@
+"""Export stage: the user's original records of a selection, in rank order, in their format.
+
+Work that scales with the corpus runs on the cluster: the read units (corpus.py) that hold a
+selected row are read by at most `MAX_PARTS` tasks, each writing its records sorted by rank to
+a part file; the driver then streams a k-way merge of the parts into `selected.<fmt>`, holding
+one record per part at a time. Every field is kept across rows of different shapes: a Parquet
+export writes the union of all rows' fields (missing ones null), a CSV export the union of
+their columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import json
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import rundir
+from .config import ConfigError, DataConfig
+from .corpus import Shard, _fmt_of, iter_unit, plan_shards, read_units
+
+log = logging.getLogger(__name__)
+
+MAX_PARTS = 64
+PARQUET_ROWS = 8192  # records per Parquet batch while merging
+EXPORT_MODES = ("auto", "always", "never")
+
+
+class SourceMissing(ConfigError):
+    """The corpus is not reachable from here, and the export was asked for."""
+
+
+def output_format(sources: list[str], requested: str) -> str:
+    """The user's format when all sources share one (jsonl for .jsonl.gz), else jsonl."""
+    if requested != "auto":
+        return requested
+    formats = {_fmt_of(src, "auto") or "jsonl" for src in sources}
+    return formats.pop() if len(formats) == 1 else "jsonl"
+
+
+def missing_sources(sources: list[str]) -> list[str]:
+    out = []
+    for src in sources:
+        fs, path = rundir.fs_of(src)
+        if not fs.exists(path):
+            out.append(src)
+    return out
+
+
+def export_selection(rows: pa.Table, plan: list[Shard] | None, sel_dir: str, fmt: str) -> tuple[str, int]:
+    """Write the records of `rows` (selected score rows with source_file, source_row, rank) to
+    sel_dir/selected.<fmt>; returns the path and the number of records written."""
+    from .runtime import map_tasks
+
+    src = rows.column("source_file").cast(pa.string()).to_numpy(zero_copy_only=False)
+    row = rows.column("source_row").to_numpy()
+    rank = rows.column("rank").to_numpy()
+    shards = plan or _plan_of(sorted(set(src.tolist())))
+    picks = _picks(shards, src, row, rank)
+    units = read_units([s for s in shards if s.shard_id in picks])
+    per_task = max(1, -(-len(units) // MAX_PARTS))
+    parts_dir = rundir.join(sel_dir, rundir.EXPORT_PARTS)
+    rundir.clear_dir(parts_dir)
+    jobs = []
+    for i in range(0, len(units), per_task):
+        group = units[i : i + per_task]
+        jobs.append((group, {s.shard_id: picks[s.shard_id] for u in group for s in u},
+                     rundir.join(parts_dir, f"part-{len(jobs):05d}.jsonl")))
+    parts = map_tasks(_export_part, jobs)
+    written = sum(p["records"] for p in parts)
+    if written != len(rank):
+        raise RuntimeError(f"export found {written} of {len(rank)} selected records; the input changed since it was scored")
+    out = rundir.join(sel_dir, f"selected.{fmt}")
+    records = heapq.merge(*(_read_part(p["url"]) for p in parts), key=lambda x: x[0])
+    _WRITERS[fmt](out, (rec for _, rec in records), parts)
+    rundir.clear_dir(parts_dir)
+    return out, written
+
+
+def _plan_of(sources: list[str]) -> list[Shard]:
+    """A plan for scores that came without one (a directory of score files from elsewhere)."""
+    return plan_shards(DataConfig(paths=sources, shard_rows=100_000))
+
+
+def _picks(shards: list[Shard], src: np.ndarray, row: np.ndarray, rank: np.ndarray) -> dict[int, list[tuple[int, int]]]:
+    """shard id -> [(source_row, rank)] of the selected rows it holds (vectorised per file)."""
+    picks: dict[int, list[tuple[int, int]]] = {}
+    by_file: dict[str, list[Shard]] = {}
+    for s in shards:
+        by_file.setdefault(s.path, []).append(s)
+    for path in np.unique(src):
+        idx = np.flatnonzero(src == path)
+        order = idx[np.argsort(row[idx], kind="stable")]
+        rows_sorted = row[order]
+        for s in by_file.get(str(path), []):
+            lo, hi = np.searchsorted(rows_sorted, [s.row_start, s.row_stop])
+            if hi > lo:
+                picks[s.shard_id] = list(zip(rows_sorted[lo:hi].tolist(), rank[order[lo:hi]].tolist()))
+    return picks
+
+
+def _export_part(units: list[list[Shard]], picks: dict[int, list[tuple[int, int]]], url: str) -> dict[str, Any]:
+    """Task: the selected records of some read units, sorted by rank, into one part file."""
+    found: list[tuple[int, Any]] = []
+    for unit in units:
+        for shard, raw in iter_unit(unit):
+            want = dict(picks[shard.shard_id])
+            found += [(want[r], rec) for r, rec, err, _ in raw if r in want and err is None]
+    found.sort(key=lambda x: x[0])
+    with rundir.open_atomic(url, "w") as f:
+        for rank, rec in found:
+            f.write(json.dumps([rank, rec], ensure_ascii=False) + "\n")
+    columns: dict[str, None] = {}
+    for _, rec in found:
+        columns.update(dict.fromkeys(rec) if isinstance(rec, dict) else {})
+    return {"url": url, "records": len(found), "columns": list(columns), "type": _arrow_type(rec for _, rec in found)}
+
+
+def _arrow_type(records: Iterator[Any]) -> str | None:
+    """The Arrow type of the part's records (serialised), None when they do not form one."""
+    try:
+        typ = pa.array(list(records)).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    return pa.schema([pa.field("r", typ)]).serialize().to_pybytes().hex()
+
+
+def _read_part(url: str) -> Iterator[tuple[int, Any]]:
+    fs, path = rundir.fs_of(url)
+    with fs.open(path, "rb") as f:
+        for line in f:
+            rank, rec = json.loads(line)
+            yield rank, rec
+
+
+def _write_jsonl(url: str, records: Iterator[Any], parts: list[dict[str, Any]]) -> None:
+    with rundir.open_atomic(url, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _write_json(url: str, records: Iterator[Any], parts: list[dict[str, Any]]) -> None:
+    with rundir.open_atomic(url, "w") as f:
+        f.write("[")
+        for i, rec in enumerate(records):
+            f.write(("\n" if i == 0 else ",\n") + json.dumps(rec, ensure_ascii=False))
+        f.write("\n]\n")
+
+
+def _write_csv(url: str, records: Iterator[Any], parts: list[dict[str, Any]]) -> None:
+    columns: dict[str, None] = {}
+    for p in parts:
+        columns.update(dict.fromkeys(p["columns"]))
+    with rundir.open_atomic(url, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), restval="", lineterminator="\n")
+        writer.writeheader()
+        for rec in records:
+            writer.writerow({k: v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)
+                             for k, v in rec.items()})
+
+
+def unified_schema(parts: list[dict[str, Any]]) -> pa.Schema:
+    """The union of the fields of every part's records (a field's types promoted where they differ)."""
+    schemas = []
+    for p in parts:
+        if p["records"] == 0:
+            continue
+        if p["type"] is None:
+            raise ConfigError("the selected records do not form one table (a field holds values of "
+                              "incompatible types); use selection.output_format=jsonl")
+        typ = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(p["type"]))).field("r").type
+        if not pa.types.is_struct(typ):
+            raise ConfigError("the selected records are not objects; use selection.output_format=jsonl")
+        schemas.append(pa.schema(list(typ)))
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ConfigError(f"the selected records do not form one table ({err}); use selection.output_format=jsonl") from None
+
+
+def _write_parquet(url: str, records: Iterator[Any], parts: list[dict[str, Any]]) -> None:
+    schema = unified_schema(parts)
+    with rundir.open_atomic(url, "wb") as f:
+        writer = pq.ParquetWriter(f, schema)
+        batch: list[Any] = []
+        for rec in records:
+            batch.append(rec)
+            if len(batch) == PARQUET_ROWS:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                batch = []
+        if batch or not schema:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+        writer.close()
+
+
+_WRITERS = {"jsonl": _write_jsonl, "json": _write_json, "csv": _write_csv, "parquet": _write_parquet}
