@@ -42,6 +42,8 @@ class ScoreSummary:
     base_seconds: float
     warmup_seconds: float
     wall_seconds: float
+    tokenize_seconds: float = 0.0  # worker-seconds of read + tokenize, summed over shards
+    write_seconds: float = 0.0  # worker-seconds of writing shard files
     markers: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +179,8 @@ def summarize(out_dir: str, shards: list[Shard], skipped: int, wall: float) -> S
         base_seconds=sum(m["base_seconds"] for m in ms),
         warmup_seconds=sum(m["warmup_seconds"] for m in ms),
         wall_seconds=wall,
+        tokenize_seconds=sum(m.get("tokenize_seconds", 0.0) for m in ms),
+        write_seconds=sum(m.get("write_seconds", 0.0) for m in ms),
         markers=ms,
     )
     rundir.write_scores_summary(out_dir, summary.to_dict())

@@ -360,12 +360,15 @@ def check_or_write_manifest(scores_dir: str, fp: dict[str, Any], plan: list[dict
 
 def write_shard_output(scores_dir: str, shard_id: int, table, quarantine: list[dict[str, Any]],
                        marker: dict[str, Any]) -> None:
-    """The shard's Parquet file, its quarantine lines, then its marker: the marker commits the shard."""
+    """The shard's Parquet file, its quarantine lines, then its marker: the marker commits the
+    shard (and records how long writing the files took)."""
     name = shard_name(shard_id)
+    t = time.perf_counter()
     write_parquet(shard_file(scores_dir, shard_id), table)
     if quarantine:
         lines = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine)
         write_bytes(join(scores_dir, QUARANTINE_DIR, name + ".jsonl"), lines.encode("utf-8"))
+    marker = {**marker, "write_seconds": time.perf_counter() - t}
     kill_point("shard.before_marker")
     write_json(join(scores_dir, DONE_DIR, name + ".json"), marker, point="marker", indent=None)
 

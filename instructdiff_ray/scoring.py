@@ -75,6 +75,7 @@ TOKENIZED = pa.schema([
     ("status", pa.list_(pa.string())),
     ("reason", pa.list_(pa.string())),
     ("quarantine", pa.string()),  # JSON list of the shard's unparseable lines
+    ("tokenize_seconds", pa.float64()),  # read + normalise + template + tokenize of this shard
 ])
 
 
@@ -85,8 +86,12 @@ def tokenize_unit(batch: dict[str, np.ndarray], cfg: RunConfig, tokenizer: str) 
     tok = _cached_tokenizer(tokenizer)
     for spec in batch["shards"]:
         shards = [Shard.from_dict(d) for d in json.loads(spec)]
+        t = time.perf_counter()
         for shard, rows in iter_unit(shards):
-            yield tokenize_rows(shard, normalize_rows(shard, rows, cfg.data), cfg, tok)
+            table = tokenize_rows(shard, normalize_rows(shard, rows, cfg.data), cfg, tok)
+            yield table.set_column(table.schema.get_field_index("tokenize_seconds"), "tokenize_seconds",
+                                   pa.array([time.perf_counter() - t]))
+            t = time.perf_counter()
 
 
 def tokenize_rows(shard: Shard, samples: list[Sample], cfg: RunConfig, tokenizer: Any) -> pa.Table:
@@ -105,6 +110,7 @@ def tokenize_rows(shard: Shard, samples: list[Sample], cfg: RunConfig, tokenizer
         "status": [[t.status for t in toks]],
         "reason": [[t.reason for t in toks]],
         "quarantine": [json.dumps(quarantine, ensure_ascii=False)],
+        "tokenize_seconds": [0.0],
     }
     return pa.table(columns, schema=TOKENIZED)
 
@@ -177,6 +183,7 @@ class ScoreActor:
         ok = [i for i in range(n) if status[i] == "ok"]
         cols = {k: np.full(n, np.nan) for k in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy")}
         stats: dict[str, Any] = {"base_tokens": 0, "base_seconds": 0.0, "warmup_tokens": 0, "warmup_seconds": 0.0,
+                                 "tokenize_seconds": p.get("tokenize_seconds", 0.0),
                                  "actor": f"{socket.gethostname()}:{os.getpid()}", "node": _node_id()}
         if self.base_scores_dir:
             self._reuse_base(shard_id, p, cols, status, reason)

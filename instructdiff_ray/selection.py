@@ -3,8 +3,9 @@
 The method (design brief §1 steps 4–5): among rows with status ok, sort by ΔNLL (ties by
 sample_id) and drop ⌊γ·n⌋ from each end (nothing if 2⌊γ·n⌋ ≥ n); rank the rest by signed ΔH
 ascending (ties by sample_id); fill the budget in that order, the row that crosses the token
-budget included. Every sort is a pyarrow sort_indices, every fill a numpy cumsum: no Python
-loop over rows, so 10M rows take seconds.
+budget included. The rows are put in sample_id order once (one string sort, which also drops
+duplicate ids); every later sort is a stable numpy argsort, so ties keep sample_id order, and
+every fill a cumsum. No Python loop over rows and no copy of the table but the selected rows.
 """
 
 from __future__ import annotations
@@ -45,8 +46,14 @@ QUANTILES = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
 class Selection:
     rows: pa.Table  # the selected score rows in rank order, with a `rank` column
     stats: dict[str, Any]
-    kept_mask: np.ndarray  # over the scored (ok, deduplicated) rows: survived the NLL filter
-    scored: pa.Table  # the ok, deduplicated rows the selection was made from
+    kept_mask: np.ndarray  # over the scored rows (in sample_id order): survived the NLL filter
+    source: pa.Table  # the score rows the selection was made from
+    scored_idx: np.ndarray  # rows of `source` that were ranked: ok, deduplicated, in sample_id order
+
+    @property
+    def scored(self) -> pa.Table:
+        """The ok, deduplicated rows the selection was made from, in sample_id order."""
+        return self.source.take(self.scored_idx)
 
 
 def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
@@ -62,17 +69,18 @@ def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _sorted(table: pa.Table, column: str, order: str) -> np.ndarray:
-    return pc.sort_indices(table, sort_keys=[(column, order), ("sample_id", "ascending")]).to_numpy()
+def _argsort(values: np.ndarray, order: str = "ascending") -> np.ndarray:
+    """Stable sort of rows that are already in sample_id order: ties stay ordered by sample_id."""
+    return np.argsort(values if order == "ascending" else -values, kind="stable")
 
 
-def nll_filter(scored: pa.Table, gamma: float) -> tuple[np.ndarray, int]:
+def nll_filter(dnll: np.ndarray, gamma: float) -> tuple[np.ndarray, int]:
     """Boolean keep-mask after dropping ⌊γ·n⌋ rows at each end of the ΔNLL order, and that count."""
-    n = scored.num_rows
+    n = len(dnll)
     k = int(np.floor(gamma * n))
     keep = np.ones(n, dtype=bool)
     if k > 0 and 2 * k < n:
-        order = _sorted(scored, "delta_nll", "ascending")
+        order = _argsort(dnll)
         keep[order[:k]] = False
         keep[order[n - k:]] = False
     else:
@@ -92,31 +100,72 @@ def fill_budget(order: np.ndarray, tokens: np.ndarray, budget: int, unit: str) -
     return order[: max(int(np.searchsorted(before, budget, side="left")), min(1, len(order)))]
 
 
-def _dedupe(ok: pa.Table) -> tuple[pa.Table, int]:
-    """Keep the first occurrence of each sample_id (rows arrive in shard order, i.e. file/row order;
-    Arrow's sort is stable, so the first of each run of equal ids is the earliest row)."""
-    order = pc.sort_indices(ok, sort_keys=[("sample_id", "ascending")])
-    ids = ok.column("sample_id").take(order)
-    if len(ids) < 2:
-        return ok, 0
-    repeat = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
-    if not repeat.any():
-        return ok, 0
-    first = np.concatenate([[True], ~repeat])
-    return ok.take(np.sort(order.to_numpy()[first])), int(repeat.sum())
+def _prefix_keys(ids: pa.Array) -> np.ndarray:
+    """The first 8 bytes of each string as a big-endian uint64 (zero-padded): ordering by it is
+    ordering by the strings, up to ties between strings that share those 8 bytes."""
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+        ids = ids.cast(pa.string())
+    n = len(ids)
+    width = np.int64 if pa.types.is_large_string(ids.type) else np.int32
+    offsets = np.frombuffer(ids.buffers()[1], dtype=width)[ids.offset : ids.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(ids.buffers()[2], dtype=np.uint8) if ids.buffers()[2] is not None else np.zeros(1, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    key = np.zeros(n, dtype=np.uint64)
+    for j in range(8):
+        has = lengths > j
+        byte = np.zeros(n, dtype=np.uint64)
+        byte[has] = data[starts[has] + j]
+        key |= byte << np.uint64(8 * (7 - j))
+    return key
 
 
-def _order(scored: pa.Table, keep: np.ndarray, cfg: SelectionConfig) -> np.ndarray:
+def _string_order(ids: pa.Array | pa.ChunkedArray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stable argsort of the strings ids[rows] by byte order (as Arrow sorts them), and for each
+    sorted position after the first whether it repeats its predecessor. A numpy sort of 8-byte
+    prefix keys; Arrow's string sort runs only within runs of equal prefixes, on those rows."""
+    chunks = ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]
+    key = np.concatenate([_prefix_keys(c) for c in chunks]) if chunks else np.zeros(0, np.uint64)
+    rows = np.arange(len(key)) if rows is None else rows
+    key = key[rows]
+    order = np.argsort(key, kind="stable")
+    repeat = np.zeros(max(len(order) - 1, 0), dtype=bool)
+    sk = key[order]
+    same = sk[1:] == sk[:-1]
+    in_run = np.zeros(len(order), dtype=bool)
+    in_run[1:] |= same
+    in_run[:-1] |= same
+    if in_run.any():
+        pos = np.flatnonzero(in_run)
+        sub = np.sort(order[pos])  # in row order, so that equal strings stay in row order
+        strings = ids.take(pa.array(rows[sub]))
+        by = pc.sort_indices(pa.table({"k": key[sub], "s": strings}), sort_keys=[("k", "ascending"), ("s", "ascending")])
+        order[pos] = sub[by.to_numpy()]
+        s = strings.take(by)
+        equal = pc.equal(s.slice(1), s.slice(0, len(s) - 1)).to_numpy(zero_copy_only=False)
+        adjacent = pos[1:] == pos[:-1] + 1
+        repeat[pos[:-1][equal & adjacent]] = True
+    return order, repeat
+
+
+def _by_id(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, int]:
+    """The ok rows in sample_id order, keeping the first occurrence of each id (rows arrive in
+    shard order, i.e. file/row order, and the sort is stable), and how many were dropped. The
+    one string sort of the selection; every later sort is a stable numeric one."""
+    order, repeat = _string_order(table.column("sample_id"), ok)
+    first = np.concatenate([[True], ~repeat]) if len(order) else np.zeros(0, dtype=bool)
+    return ok[order[first]], int(repeat.sum())
+
+
+def _order(cols: dict[str, np.ndarray], keep: np.ndarray, cfg: SelectionConfig) -> np.ndarray:
     s = cfg.strategy
+    n = len(keep)
     if s == "random":
-        by_id = pc.sort_indices(scored, sort_keys=[("sample_id", "ascending")]).to_numpy()
-        return by_id[np.random.default_rng(cfg.seed).permutation(len(by_id))]
+        return np.random.default_rng(cfg.seed).permutation(n)
     if s in ("ppl_min", "ppl_max", "entropy_min", "entropy_max"):
         col = "base_nll" if s.startswith("ppl") else "base_entropy"
-        return _sorted(scored, col, "ascending" if s.endswith("min") else "descending")
+        return _argsort(cols[col], "ascending" if s.endswith("min") else "descending")
     kept_idx = np.flatnonzero(keep)
-    sub = scored.take(kept_idx)
-    rank = _sorted(sub, "delta_entropy", "descending" if s == "highest_dh" else "ascending")
+    rank = _argsort(cols["delta_entropy"][kept_idx], "descending" if s == "highest_dh" else "ascending")
     if s == "middle_dh":
         mid = (len(rank) - 1) / 2
         rank = rank[np.argsort(np.abs(np.arange(len(rank)) - mid), kind="stable")]
@@ -129,26 +178,32 @@ def _quantiles(values: np.ndarray) -> dict[str, float | None]:
     return {f"q{int(q * 100):02d}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))}
 
 
+def _floats(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False).astype(float, copy=False)[rows]
+
+
 def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
-    """Run one selection strategy over a table of score rows (the scoring output contract)."""
-    counts = {str(d["values"]): int(d["counts"]) for d in pc.value_counts(table.column("status").cast(pa.string())).to_pylist()}
+    """Run one selection strategy over a table of score rows (the scoring output contract).
+    Works on row indices and numpy columns; only the selected rows are copied out of `table`."""
+    status = table.column("status")
+    counts = {str(d["values"]): int(d["counts"]) for d in pc.value_counts(status.cast(pa.string())).to_pylist()}
     counts = dict(sorted(counts.items()))
-    ok = table.filter(pc.equal(table.column("status").cast(pa.string()), "ok"))
-    finite = np.isfinite(ok.column("delta_nll").to_numpy(zero_copy_only=False).astype(float)) & np.isfinite(
-        ok.column("delta_entropy").to_numpy(zero_copy_only=False).astype(float))
-    if cfg.strategy in ("instructdiff", "middle_dh", "highest_dh") and not finite.all():
+    ok = np.flatnonzero(pc.equal(status.cast(pa.string()), "ok").to_numpy(zero_copy_only=False))
+    rows, duplicates = _by_id(table, ok)
+    n = len(rows)
+    base_cols = ("base_nll", "base_entropy") if cfg.strategy in ("ppl_min", "ppl_max", "entropy_min", "entropy_max") else ()
+    cols = {c: _floats(table, c, rows) for c in ("delta_nll", "delta_entropy", *base_cols)}
+    dnll, dh = cols["delta_nll"], cols["delta_entropy"]
+    finite = np.isfinite(dnll) & np.isfinite(dh)
+    filtered = cfg.strategy in ("instructdiff", "middle_dh", "highest_dh")
+    if filtered and not finite.all():
         raise ValueError(f"{int((~finite).sum())} ok rows lack warmup scores; strategy {cfg.strategy} needs ΔNLL and ΔH")
-    scored, duplicates = _dedupe(ok)
-    n = scored.num_rows
-    tokens = scored.column("n_response_tokens").to_numpy().astype(np.int64)
+    tokens = table.column("n_response_tokens").to_numpy().astype(np.int64)[rows]
     total_tokens = int(tokens.sum())
     budget = int(np.floor(cfg.budget * (total_tokens if cfg.budget_unit == "tokens" else n)))
-    filtered = cfg.strategy in ("instructdiff", "middle_dh", "highest_dh")
-    keep, k = nll_filter(scored, cfg.gamma) if filtered else (np.ones(n, dtype=bool), 0)
-    chosen = fill_budget(_order(scored, keep, cfg), tokens, budget, cfg.budget_unit)
-    rows = scored.take(chosen).append_column("rank", pa.array(np.arange(len(chosen), dtype=np.int64)))
-    dnll = scored.column("delta_nll").to_numpy(zero_copy_only=False).astype(float)
-    dh = scored.column("delta_entropy").to_numpy(zero_copy_only=False).astype(float)
+    keep, k = nll_filter(dnll, cfg.gamma) if filtered else (np.ones(n, dtype=bool), 0)
+    chosen = fill_budget(_order(cols, keep, cfg), tokens, budget, cfg.budget_unit)
+    picked = table.take(rows[chosen]).append_column("rank", pa.array(np.arange(len(chosen), dtype=np.int64)))
     stats = {
         "strategy": cfg.strategy,
         "rows_total": table.num_rows,
@@ -166,7 +221,7 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
         "delta_entropy": {"all": _quantiles(dh[np.isfinite(dh)]), "selected": _quantiles(dh[chosen][np.isfinite(dh[chosen])])},
         "delta_nll": {"all": _quantiles(dnll[np.isfinite(dnll)]), "selected": _quantiles(dnll[chosen][np.isfinite(dnll[chosen])])},
     }
-    return Selection(rows=rows, stats=stats, kept_mask=keep, scored=scored)
+    return Selection(rows=picked, stats=stats, kept_mask=keep, source=table, scored_idx=rows)
 
 
 def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", export: str = "auto",

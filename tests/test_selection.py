@@ -98,3 +98,23 @@ def test_comparison_strategies_fill_the_same_budget(strategy):
         med = np.median(np.array(ours.scored.column("delta_entropy").to_pylist())[ours.kept_mask])
         assert min(ids["delta_entropy"]) <= med <= max(ids["delta_entropy"])
     assert select(table, SelectionConfig(strategy=strategy)).rows.equals(other.rows)  # seeded, deterministic
+
+
+def test_string_order_equals_arrows_stable_sort():
+    """The prefix-key sort used for sample_id ties orders exactly as Arrow's stable string sort,
+    including shared 8-byte prefixes, embedded NUL bytes, non-ASCII and empty strings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from instructdiff_ray.selection import _string_order
+
+    rng = np.random.default_rng(1)
+    alphabet = ["", "a", "ab", "abcdefgh", "abcdefghi", "abcdefgh\x00", "é", "zz", "abcdefghij", "x" * 20]
+    for _ in range(200):
+        vals = [str(rng.choice(alphabet)) + str(rng.integers(0, 5)) * int(rng.integers(0, 3))
+                for _ in range(int(rng.integers(1, 300)))]
+        arr = pa.array(vals)
+        want = pc.sort_indices(arr).to_numpy()
+        order, repeat = _string_order(pa.chunked_array([arr.slice(0, len(vals) // 2), arr.slice(len(vals) // 2)]))
+        assert (order == want).all()
+        assert repeat.tolist() == [vals[want[i + 1]] == vals[want[i]] for i in range(len(vals) - 1)]
