@@ -31,3 +31,19 @@ def _hide_unloadable_torch_extensions() -> None:
 
 
 _hide_unloadable_torch_extensions()
+
+from .api import (  # noqa: E402 - after the torch-extension guard above
+    RoundResult,
+    RunConfig,
+    RunResult,
+    ScoreResult,
+    SelectionResult,
+    load_config,
+    load_scores,
+    run,
+    score,
+    select,
+)
+
+__all__ = ["RunConfig", "RunResult", "RoundResult", "ScoreResult", "SelectionResult", "load_config", "load_scores",
+           "run", "score", "select", "__version__"]

@@ -161,7 +161,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .selection import SelectionConfig, load_scores, select, write_selection
+    from .selection import SelectionConfig, load_scores, scores_plan, select, write_selection
 
     try:
         scfg = SelectionConfig(budget=args.budget, budget_unit=args.budget_unit, gamma=args.gamma,
@@ -172,16 +172,6 @@ def cmd_select(args: argparse.Namespace) -> int:
     paths = write_selection(sel, args.out, scfg.output_format, scfg.export, scores_plan(args.scores))
     print(json.dumps({"selected_rows": sel.stats["selected_rows"], **paths}, indent=2))
     return EXIT_OK
-
-
-def scores_plan(scores_dir: str):
-    """The shard plan a scores directory was made with (its manifest), if it has one."""
-    from . import rundir
-    from .corpus import Shard
-
-    if not rundir.is_scores_dir(scores_dir):
-        return None
-    return [Shard.from_dict(d) for d in rundir.read_manifest(scores_dir)["plan"]]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -286,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--gamma", type=float, default=0.1, help="fraction trimmed from each dNLL tail")
             p.add_argument("--strategy", default="instructdiff", help="one of: " + ", ".join(sorted(STRATEGIES)))
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--format", choices=["auto", "jsonl", "parquet", "json", "csv"], default="auto")
+            p.add_argument("--format", choices=["auto", "jsonl", "parquet", "json", "csv", "hf"], default="auto",
+                           help="of the selected records; hf: a datasets directory (datasets.load_from_disk)")
             p.add_argument("--export", choices=["auto", "always", "never"], default="auto",
                            help="write the selected records: auto when the corpus is reachable from here (else a "
                                 "warning), always (fail without it), never (ids, selection.parquet, stats only)")

@@ -26,7 +26,9 @@ class DataConfig(_Strict):
     """Where the corpus is and how its rows map onto prompt/response."""
 
     paths: list[str] = Field(min_length=1, description="files or directories, local or s3://, gs://")
-    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "arrow"] = "auto"
+    split: str | None = Field(None, description="Hub datasets and save_to_disk DatasetDicts: the split to read "
+                                               "(default: train, or the only one)")
     preset: Literal["auto", "alpaca", "qa", "prompt_completion", "messages", "sharegpt"] = "auto"
     fields: dict[str, str] = Field(
         default_factory=dict,
@@ -130,7 +132,8 @@ class SelectionConfig(_Strict):
     gamma: float = Field(0.1, ge=0, lt=0.5, description="fraction trimmed from each dNLL tail")
     strategy: str = "instructdiff"
     seed: int = 0
-    output_format: Literal["auto", "jsonl", "parquet", "json", "csv"] = "auto"
+    output_format: Literal["auto", "jsonl", "parquet", "json", "csv", "hf"] = Field(
+        "auto", description="auto: the corpus' own format; hf: a datasets directory (load_from_disk)")
     export: Literal["auto", "always", "never"] = Field(
         "auto", description="write the selected records: auto when the corpus is reachable (else warn), always, never")
 
@@ -147,6 +150,15 @@ class RunOptions(_Strict):
     )
 
 
+class TrackingConfig(_Strict):
+    """Where the finished run is logged (tracking.py)."""
+
+    mlflow: bool = Field(False, description="log config, per-round metrics, selection stats and the report to MLflow")
+    mlflow_uri: str | None = Field(None, description="tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's own)")
+    experiment: str = "instructdiff"
+    run_name: str | None = Field(None, description="default: the run directory's name")
+
+
 class RunConfig(_Strict):
     out: str = Field(description="run directory (local path or s3://...)")
     data: DataConfig
@@ -158,6 +170,7 @@ class RunConfig(_Strict):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     rounds: int = Field(1, ge=1, le=10)
     run: RunOptions = Field(default_factory=RunOptions)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     progress: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")

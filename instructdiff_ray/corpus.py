@@ -28,10 +28,11 @@ from typing import Any, Iterator
 
 import fsspec
 
-from . import rundir
+from . import rundir, sources
 from .config import ConfigError, DataConfig
 
-EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+              ".arrow": "arrow"}
 RANGE_BYTES = 64 << 20  # a JSONL planning range
 PARQUET_BATCH = 4096  # rows decoded at a time from a row group
 FULL_DIGEST_BYTES = 256 << 20  # local files up to this size are digested whole
@@ -72,7 +73,7 @@ class Shard:
             return f"{self.path}#{self.shard_id}"
         if self.fmt == "parquet":
             return f"{self.path}#rg{self.group}"
-        return self.path
+        return self.path  # gzip, JSON, CSV and Arrow stream files: one pass per file
 
 
 @dataclass
@@ -121,13 +122,24 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/") if part)
 
 
+def _is_data(relative: str) -> bool:
+    return not _hidden(relative) and _fmt_of(relative, "auto") is not None
+
+
 def list_files(cfg: DataConfig) -> list[tuple[str, str]]:
-    """Expand directories (skipping hidden and `_` names), keep known formats, in a sorted, stable order."""
+    """Expand directories (skipping hidden and `_` names), keep known formats, in a sorted, stable
+    order; Hub datasets and `save_to_disk` directories become their data files (sources.py)."""
     out: list[tuple[str, str]] = []
     for p in cfg.paths:
+        if sources.is_hub(p):
+            out += [(f, _fmt_of(f, cfg.format)) for f in sources.hub_files(p, cfg.split, _is_data)]
+            continue
         fs, root = fsspec.core.url_to_fs(p)
         protocol = p.split("://")[0] + "://" if "://" in p else ""
-        if fs.isdir(root):
+        arrow = sources.disk_dataset_files(p, cfg.split) if fs.isdir(root) else None
+        if arrow is not None:
+            out += [(f, "arrow") for f in arrow]
+        elif fs.isdir(root):
             base = root.rstrip("/") + "/"
             names = sorted(n for n in fs.find(root) if not _hidden(n[len(base):] if n.startswith(base) else n))
             found = [(protocol + n if protocol else n, _fmt_of(n, cfg.format)) for n in names]
@@ -146,12 +158,21 @@ def list_files(cfg: DataConfig) -> list[tuple[str, str]]:
 
 
 def _open(path: str, mode: str = "rb"):
-    return fsspec.open(path, mode, compression="infer")
+    return fsspec.open(sources.local(path), mode, compression="infer")
+
+
+def _size(path: str) -> int:
+    fs, local = rundir.fs_of(sources.local(path))
+    return int(fs.info(local)["size"])
 
 
 def file_fingerprint(url: str) -> dict[str, Any]:
     """An input file by content: its sha256 when local and up to 256 MiB; otherwise size,
-    mtime/ETag and the sha256 of 16 evenly spaced 1 MiB blocks (head and tail included)."""
+    mtime/ETag and the sha256 of 16 evenly spaced 1 MiB blocks (head and tail included). A Hub
+    dataset file is pinned by its commit."""
+    if sources.is_hub(url):
+        repo, commit, path = sources.parse_hub(url)
+        return {"path": url, "hub": repo, "commit": commit, "file": path}
     fs, path = rundir.fs_of(url)
     info = fs.info(path)
     size = int(info["size"])
@@ -198,8 +219,27 @@ def scan_jsonl(path: str, byte_start: int, byte_stop: int | None, shard_rows: in
     return {"chunks": chunks, "lines": lines}
 
 
+def _arrow_batches(f) -> Iterator[Any]:
+    """Record batches of an Arrow IPC file: the stream format `datasets` writes, or the file format."""
+    import pyarrow as pa
+
+    try:
+        reader = pa.ipc.open_stream(pa.PythonFile(f, mode="r"))
+    except pa.ArrowInvalid:
+        f.seek(0)
+        file_reader = pa.ipc.open_file(pa.BufferReader(f.read()))
+        for i in range(file_reader.num_record_batches):
+            yield file_reader.get_batch(i)
+        return
+    yield from reader
+
+
 def count_table_rows(path: str, fmt: str) -> int:
-    """Rows of a JSON array or CSV (parsed once); rows of a Parquet file from its footer."""
+    """Rows of a JSON array or CSV (parsed once); rows of an Arrow file (its batches' lengths, no
+    values decoded); rows of a Parquet file from its footer."""
+    if fmt == "arrow":
+        with _open(path) as f:
+            return sum(b.num_rows for b in _arrow_batches(f))
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -223,8 +263,7 @@ def plan_shards(cfg: DataConfig) -> list[Shard]:
     jobs: list[tuple[str, tuple]] = []  # (format, scan arguments), in file order
     for path, fmt in list_files(cfg):
         if fmt == "jsonl" and not _compressed(path):
-            fs, local = rundir.fs_of(path)
-            size = int(fs.info(local)["size"])
+            size = _size(path)
             jobs += [(fmt, (path, b, min(b + RANGE_BYTES, size), cfg.shard_rows)) for b in range(0, size, RANGE_BYTES)]
         elif fmt == "jsonl":
             jobs.append((fmt, (path, 0, None, cfg.shard_rows)))
@@ -339,6 +378,9 @@ def iter_unit(shards: list[Shard]) -> Iterator[tuple[Shard, list[Raw]]]:
         yield from _iter_jsonl(order)
     elif fmt == "parquet":
         yield from _iter_parquet(order)
+    elif fmt == "arrow":
+        with _open(order[0].path) as f:
+            yield from _slice_batches(order, _arrow_batches(f), 0, f"{order[0].path} is shorter than planned")
     else:
         rows = _load_table_rows(order[0].path, fmt)
         for s in order:
@@ -379,24 +421,31 @@ def _iter_parquet(order: list[Shard]) -> Iterator[tuple[Shard, list[Raw]]]:
     path, group = order[0].path, order[0].group
     with _open(path) as f:
         pf = pq.ParquetFile(f)
-        row = sum(pf.metadata.row_group(g).num_rows for g in range(group))  # file row of the batch's first row
-        pending = iter(order)
-        s = next(pending)
-        rows: list[Raw] = []
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=[group]):
-            end = row + batch.num_rows
-            while s is not None and s.row_start < end:
-                a, b = max(s.row_start, row), min(s.row_stop, end)
-                rows += [(a + i, rec, None, None) for i, rec in enumerate(batch.slice(a - row, b - a).to_pylist())]
-                if s.row_stop > end:
-                    break
-                yield s, rows
-                rows, s = [], next(pending, None)
-            if s is None:
-                return
-            row = end
-        if s is not None:
-            raise RuntimeError(f"{path} changed since it was planned (row group {group} is shorter); plan the run again")
+        first = sum(pf.metadata.row_group(g).num_rows for g in range(group))  # file row of the group's first row
+        batches = pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=[group])
+        yield from _slice_batches(order, batches, first, f"{path}: row group {group} is shorter than planned")
+
+
+def _slice_batches(order: list[Shard], batches: Iterator[Any], row: int, short: str) -> Iterator[tuple[Shard, list[Raw]]]:
+    """Cut a stream of record batches (starting at file row `row`) into the rows of the given
+    shards (sorted, non-overlapping); only the rows of those shards become Python objects."""
+    pending = iter(order)
+    s = next(pending, None)
+    rows: list[Raw] = []
+    for batch in batches:
+        end = row + batch.num_rows
+        while s is not None and s.row_start < end:
+            a, b = max(s.row_start, row), min(s.row_stop, end)
+            rows += [(a + i, rec, None, None) for i, rec in enumerate(batch.slice(a - row, b - a).to_pylist())]
+            if s.row_stop > end:
+                break
+            yield s, rows
+            rows, s = [], next(pending, None)
+        if s is None:
+            return
+        row = end
+    if s is not None:
+        raise RuntimeError(f"{short} (the input changed since it was planned); plan the run again")
 
 
 def _parse_line(line: bytes) -> tuple[Any, str | None, str | None]:

@@ -5,7 +5,7 @@ selected row are read by at most `MAX_PARTS` tasks, each writing its records sor
 a part file; the driver then streams a k-way merge of the parts into `selected.<fmt>`, holding
 one record per part at a time. Every field is kept across rows of different shapes: a Parquet
 export writes the union of all rows' fields (missing ones null), a CSV export the union of
-their columns.
+their columns; `hf` writes a `datasets` directory (`datasets.load_from_disk`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,17 @@ class SourceMissing(ConfigError):
 
 
 def output_format(sources: list[str], requested: str) -> str:
-    """The user's format when all sources share one (jsonl for .jsonl.gz), else jsonl."""
+    """The user's format when all sources share one (jsonl for .jsonl.gz, a `datasets` directory
+    for Arrow files of save_to_disk), else jsonl."""
     if requested != "auto":
         return requested
     formats = {_fmt_of(src, "auto") or "jsonl" for src in sources}
-    return formats.pop() if len(formats) == 1 else "jsonl"
+    fmt = formats.pop() if len(formats) == 1 else "jsonl"
+    return "hf" if fmt == "arrow" else fmt
+
+
+def output_path(sel_dir: str, fmt: str) -> str:
+    return rundir.join(sel_dir, "selected_dataset" if fmt == "hf" else f"selected.{fmt}")
 
 
 def missing_sources(sources: list[str]) -> list[str]:
@@ -75,7 +81,7 @@ def export_selection(rows: pa.Table, plan: list[Shard] | None, sel_dir: str, fmt
     written = sum(p["records"] for p in parts)
     if written != len(rank):
         raise RuntimeError(f"export found {written} of {len(rank)} selected records; the input changed since it was scored")
-    out = rundir.join(sel_dir, f"selected.{fmt}")
+    out = output_path(sel_dir, fmt)
     records = heapq.merge(*(_read_part(p["url"]) for p in parts), key=lambda x: x[0])
     _WRITERS[fmt](out, (rec for _, rec in records), parts)
     rundir.clear_dir(parts_dir)
@@ -198,4 +204,24 @@ def _write_parquet(url: str, records: Iterator[Any], parts: list[dict[str, Any]]
         writer.close()
 
 
-_WRITERS = {"jsonl": _write_jsonl, "json": _write_json, "csv": _write_csv, "parquet": _write_parquet}
+def _write_hf(url: str, records: Iterator[Any], parts: list[dict[str, Any]]) -> None:
+    """A `datasets` directory (`load_from_disk`): the records as Parquet in a local scratch file
+    (streamed, unified schema), then `save_to_disk`; locally into a temporary directory renamed
+    into place, so the directory is complete or absent."""
+    import os
+    import tempfile
+
+    import datasets
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_parquet(os.path.join(tmp, "selected.parquet"), records, parts)
+        ds = datasets.Dataset.from_parquet(os.path.join(tmp, "selected.parquet"), cache_dir=os.path.join(tmp, "cache"))
+        target = url + rundir.TMP_SUFFIX if rundir.is_local(url) else url
+        rundir.clear_dir(target)
+        ds.save_to_disk(target)
+        if target != url:
+            rundir.clear_dir(url)
+            os.replace(target, url)
+
+
+_WRITERS = {"jsonl": _write_jsonl, "json": _write_json, "csv": _write_csv, "parquet": _write_parquet, "hf": _write_hf}

@@ -191,6 +191,9 @@ def summarize(out_dir: str, shards: list[Shard], skipped: int, wall: float) -> S
 def check_config(cfg: RunConfig) -> None:
     """Config-time checks that need the file system but no model weights: the input files, and
     for a local model directory its context length and (template.kind=chat) its chat template."""
+    from .tracking import check as check_tracking
+
+    check_tracking(cfg)
     list_files(cfg.data)  # the shard plan itself is made once, in the run directory
     check_model_fits_template(cfg)
 
@@ -261,6 +264,7 @@ def run_job(cfg: RunConfig) -> dict[str, Any]:
 
 def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
     from .report import write_run_report
+    from .tracking import log_run
     from .selection import load_scores, select, selected_rows, write_selection
     from .warmup import collect_samples, draw_rows, train_warmup
 
@@ -312,4 +316,7 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
               "wall_seconds": time.monotonic() - t0}
     rundir.write_run_summary(cfg.out, result)
     write_run_report(cfg.out)
+    result["mlflow_run_id"] = log_run(cfg, result)
+    if result["mlflow_run_id"]:
+        rundir.write_run_summary(cfg.out, result)
     return result

@@ -257,6 +257,14 @@ def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", e
     return paths
 
 
+def scores_plan(scores_dir: str) -> list[Shard] | None:
+    """The shard plan a scores directory was made with (its manifest), if it has one: the export
+    reads the corpus by it."""
+    if not rundir.is_scores_dir(scores_dir):
+        return None
+    return [Shard.from_dict(d) for d in rundir.read_manifest(scores_dir)["plan"]]
+
+
 def selected_rows(selection_parquet: str) -> dict[str, set[int]]:
     """(file -> rows) of a round's selection: the next round's warmup training set."""
     with fsspec.open(selection_parquet, "rb") as f:

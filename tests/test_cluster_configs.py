@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from instructdiff_ray.config import RunConfig, build_config
+from instructdiff_ray.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,10 +49,31 @@ def test_kuberay_rayjob_manifest():
 
 
 @pytest.mark.parametrize("name", ["math.yaml", "code.yaml", "general.yaml"])
-def test_job_configs_validate(name, monkeypatch):
-    tree = yaml.safe_load((ROOT / "jobs" / name).read_text())
-    if name == "general.yaml":  # points at the user's data and a GPU model: schema only
-        RunConfig.model_validate(tree)
-    else:
-        monkeypatch.chdir(ROOT)
-        build_config(tree)
+def test_job_configs_validate_and_name_nothing_beside_the_repository(name):
+    text = (ROOT / "jobs" / name).read_text()
+    assert "../" not in text and "/shared/" not in text
+    cfg = RunConfig.model_validate(yaml.safe_load(text))
+    assert all(p.startswith("hf://datasets/") for p in cfg.data.paths)
+
+
+def test_math_job_plans_as_shipped_from_a_cached_hub_copy(tmp_path, capsys):
+    """`instructdiff run jobs/math.yaml --dry-run` against GSM8K laid out as the Hub serves it
+    (openai/gsm8k, config folder main/, Parquet per split) in the offline cache."""
+    import json
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import tiny
+    from instructdiff_ray.cli import main
+
+    repo = tmp_path / "gsm8k"
+    (repo / "main").mkdir(parents=True)
+    rows = [json.loads(line) for line in tiny.GSM8K.read_text().splitlines()[:300]]
+    pq.write_table(pa.Table.from_pylist(rows[:250]), repo / "main" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[250:]), repo / "main" / "test-00000-of-00001.parquet")
+    tiny.add_to_hub_cache(Path(os.environ["HF_HOME"]), "openai/gsm8k", repo, "ab" * 20, repo_type="dataset")
+    assert main(["run", str(ROOT / "jobs" / "math.yaml"), "--set", f"out={tmp_path / 'run'}", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["rows"] == 250 and plan["files"] == [f"hf://datasets/openai/gsm8k@{'ab' * 20}/main/train-00000-of-00001.parquet"]

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -91,6 +92,52 @@ def test_report_plots_decode_and_html_references_every_plot(two_rounds):
     assert "- rows skipped for length (too_long): 0 (0.0%)" in summary
 
 
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+# Flags for a machine without network: no background connections, no first-run or sync traffic.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
+IMAGE_CHECK = """<script>window.addEventListener('load', () => {
+  const bad = [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  document.body.setAttribute('data-check', JSON.stringify({images: document.images.length, bad: bad}));
+});</script>"""
+
+
+def test_report_renders_in_headless_chromium(two_rounds, tmp_path):
+    """The report opened in a real browser: every image decodes, no console errors, a screenshot
+    kept in test-artifacts/report.png."""
+    import os
+    import re
+    import shutil
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("INSTRUCTDIFF_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{CHROMIUM} is missing: .ci/install installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed")
+    page = tmp_path / "index.html"
+    html = (two_rounds / "report" / "index.html").read_text()
+    page.write_text(html.replace("</body>", IMAGE_CHECK + "</body>"))
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *extra, page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    dom = run("--dump-dom")
+    check = re.search(r"data-check=\"([^\"]*)\"", dom.stdout)
+    assert check, dom.stderr[-2000:]
+    result = json.loads(check.group(1).replace("&quot;", '"'))
+    assert result == {"images": 12, "bad": []}
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+    shot = run("--screenshot=" + str(tmp_path / "report.png"), "--window-size=1100,2400")
+    assert (tmp_path / "report.png").exists(), shot.stderr[-2000:]
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(tmp_path / "report.png")
+    assert img.shape[:2] == (2400, 1100) and img[..., :3].std() > 0.05  # a rendered page, not a blank one
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "report.png", ARTIFACTS / "report.png")
+
+
 def test_status_and_inspect(two_rounds, capsys):
     assert main(["status", str(two_rounds)]) == 0
     out = capsys.readouterr().out
@@ -172,3 +219,52 @@ def test_outputs_read_with_pandas_polars_duckdb_and_datasets(two_rounds):
     assert ds.num_rows == 1000 and "delta_entropy" in ds.column_names
     sel = datasets.load_dataset("json", data_files=str(two_rounds / "round-1" / "selection" / "selected.jsonl"), split="train")
     assert sel.column_names == ["question", "answer"]
+
+
+def test_python_api_run_equals_the_cli_run(two_rounds, tmp_path, monkeypatch):
+    """The public API inside the Ray session the caller started (ray_local): round 1 of the same
+    config gives the CLI's scores and selection; select() works in memory and on disk; the run
+    is logged to MLflow's local file store and reads back with MLflow's client."""
+    import instructdiff_ray as idr
+
+    config = yaml.safe_load((two_rounds.parent / "job.yaml").read_text())
+    config["out"] = str(tmp_path / "api")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+    uri = f"file://{tmp_path}/mlruns"
+    res = idr.run(config, rounds=1, selection__budget=0.1, tracking__mlflow=True, tracking__mlflow_uri=uri,
+                  tracking__experiment="api-test")
+    assert isinstance(res, idr.RunResult) and [r.round for r in res.rounds] == [1]
+    assert res.rounds[0].rows_scored == 1000 and res.rounds[0].status_counts == {"ok": 1000}
+    cli = idr.load_scores(str(two_rounds / "round-1" / "scores")).sort_by("source_row").to_pydict()
+    api = idr.load_scores(res.rounds[0].scores_dir).sort_by("source_row").to_pydict()
+    assert api["sample_id"] == cli["sample_id"]
+    for col in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy"):
+        assert np.max(np.abs(np.array(api[col]) - np.array(cli[col]))) < 1e-6
+    ids = (two_rounds / "round-1" / "selection" / "selected_ids.txt").read_text().split()
+    assert open(res.selected_ids).read().split() == ids and res.stats["selected_rows"] == len(ids)
+    assert res.selected_data.endswith("selected.jsonl") and res.report.endswith("index.html")
+    memory = idr.select(res.rounds[0].scores_dir, budget=0.2, budget_unit="samples")
+    assert memory.selected_rows == 200 and memory.paths == {} and memory.rows.num_rows == 200
+    written = idr.select(res.rounds[0].scores_dir, out=str(tmp_path / "sel"), budget=0.2, budget_unit="samples",
+                         output_format="hf")
+    as_jsonl = idr.select(res.rounds[0].scores_dir, out=str(tmp_path / "sel2"), budget=0.2, budget_unit="samples")
+    import datasets
+
+    hf = datasets.load_from_disk(written.data)
+    assert hf["question"] == [json.loads(line)["question"] for line in open(as_jsonl.data)] and len(hf) == 200
+    with pytest.raises(idr.config.ConfigError):
+        idr.select(res.rounds[0].scores_dir, budget=2.0)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    logged = client.get_run(res.mlflow_run_id)
+    assert client.get_experiment(logged.info.experiment_id).name == "api-test" and logged.info.run_name == "api"
+    assert logged.data.params["data.shard_rows"] == "250" and logged.data.params["selection.budget"] == "0.1"
+    assert logged.data.metrics["rows_scored"] == 1000 and logged.data.metrics["selected_rows"] == len(ids)
+    assert logged.data.metrics["status_ok"] == 1000 and logged.data.metrics["base_tokens_per_s"] > 0
+    arts = {a.path for a in client.list_artifacts(res.mlflow_run_id, "report")}
+    assert {"report/index.html", "report/summary.md", "report/round-1"} <= arts
+    pngs = [a.path for a in client.list_artifacts(res.mlflow_run_id, "report/round-1")]
+    assert len(pngs) >= 3 and all(p.endswith(".png") for p in pngs)
+    stats = json.loads(open(client.download_artifacts(res.mlflow_run_id, "round-1/selection_stats.json", str(tmp_path))).read())
+    assert stats["selected_rows"] == len(ids)

@@ -144,14 +144,15 @@ def build_tiny_qwen2(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def add_to_hub_cache(hf_home: Path, repo: str, model_dir: Path, commit: str, branch: str = "main") -> Path:
-    """Lay a model directory out in a Hugging Face cache as huggingface_hub writes it (content-
-    addressed blobs, a snapshot of links per commit, a ref per branch), so that an offline
-    `snapshot_download(repo)` finds it. Returns the snapshot directory."""
+def add_to_hub_cache(hf_home: Path, repo: str, model_dir: Path, commit: str, branch: str = "main",
+                     repo_type: str = "model") -> Path:
+    """Lay a model (or dataset) directory out in a Hugging Face cache as huggingface_hub writes it
+    (content-addressed blobs, a snapshot of links per commit, a ref per branch), so that an
+    offline `snapshot_download(repo)` finds it. Returns the snapshot directory."""
     import hashlib
     import os
 
-    root = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    root = hf_home / "hub" / f"{repo_type}s--{repo.replace('/', '--')}"
     snap = root / "snapshots" / commit
     (root / "blobs").mkdir(parents=True, exist_ok=True)
     for f in sorted(model_dir.rglob("*")):

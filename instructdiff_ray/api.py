@@ -1,0 +1,156 @@
+"""The Python API: what the CLI does, callable from a notebook or script, with typed results.
+
+    from instructdiff_ray import RunConfig, run, score, select, load_scores
+
+    cfg = RunConfig(out="runs/x", data={"paths": ["train.jsonl"]}, model={"base": "Qwen/Qwen2.5-0.5B"})
+    result = run(cfg)                     # warmup -> score -> select, K rounds, resumable
+    result.selected_data, result.stats["selected_rows"], result.report
+    table = load_scores(result.rounds[0].scores_dir)          # a pyarrow Table
+    pick = select(table, budget=0.2, out="runs/x-20pct")      # reselect without rescoring
+
+Every function runs the CLI's configuration checks first (before any model loads) and attaches
+to the Ray session the caller already started, if any (`ray.init(...)` beforehand), else
+starts a local one. Errors are the CLI's: ConfigError, FingerprintMismatch, LeaseHeld,
+TooManyErrors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from . import rundir
+from .config import RunConfig, SelectionConfig, build_config, load_config
+
+__all__ = ["RunConfig", "RunResult", "RoundResult", "ScoreResult", "SelectionResult", "load_config",
+           "run", "score", "select", "load_scores"]
+
+
+@dataclass(frozen=True)
+class SelectionResult:
+    """A written (or in-memory) selection."""
+
+    rows: pa.Table  # the selected score rows in rank order, with `rank`
+    stats: dict[str, Any]
+    paths: dict[str, str] = field(default_factory=dict)  # ids, scores, stats, data (absent when not exported)
+
+    @property
+    def selected_rows(self) -> int:
+        return int(self.stats["selected_rows"])
+
+    @property
+    def data(self) -> str | None:
+        """The user's selected records (selected.<fmt>), if exported."""
+        return self.paths.get("data")
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    scores_dir: str
+    rows: int
+    status_counts: dict[str, int]
+    shards: int
+    shards_resumed: int  # finished before this call (not recomputed)
+    base_tokens_per_s: float | None
+    warmup_tokens_per_s: float | None
+    wall_seconds: float
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    scores_dir: str
+    selection_dir: str
+    rows_scored: int
+    selected_rows: int
+    status_counts: dict[str, int]
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: str
+    rounds: list[RoundResult]
+    selected_data: str | None  # the final round's records in the corpus' format (None when not exported)
+    selected_ids: str
+    selection_scores: str  # selection.parquet of the final round
+    stats: dict[str, Any]  # the final round's selection stats
+    report: str  # report/index.html
+    wall_seconds: float
+    mlflow_run_id: str | None = None  # with tracking.mlflow
+
+
+def _config(cfg: RunConfig | dict[str, Any] | str | Path, overrides: dict[str, Any] | None) -> RunConfig:
+    pairs = list((overrides or {}).items())
+    if isinstance(cfg, RunConfig):
+        return build_config(cfg.model_dump(mode="json"), pairs) if pairs else cfg
+    if isinstance(cfg, (str, Path)):
+        return load_config(str(cfg), pairs)
+    return build_config(cfg, pairs)
+
+
+def run(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> RunResult:
+    """`instructdiff run`: a RunConfig, a config dict or a YAML path; `overrides` are dotted keys
+    given with `__` for dots (`run(cfg, selection__budget=0.2)`)."""
+    from .pipeline import check_config, run_job
+
+    config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
+    check_config(config)
+    res = run_job(config)
+    rounds = [RoundResult(round=r["round"], scores_dir=rundir.join(rundir.round_dir(config.out, r["round"]), "scores"),
+                          selection_dir=rundir.join(rundir.round_dir(config.out, r["round"]), "selection"),
+                          rows_scored=r["selection"]["rows_scored"], selected_rows=r["selection"]["selected_rows"],
+                          status_counts=r["scoring"]["status_counts"], timings=r["timings"])
+              for r in res["rounds"]]
+    final = res["final_selection"]
+    return RunResult(run_dir=config.out, rounds=rounds, selected_data=final.get("data"), selected_ids=final["ids"],
+                     selection_scores=final["scores"], stats=res["rounds"][-1]["selection"],
+                     report=rundir.join(config.out, "report", "index.html"), wall_seconds=res["wall_seconds"],
+                     mlflow_run_id=res.get("mlflow_run_id"))
+
+
+def score(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> ScoreResult:
+    """`instructdiff score`: score `cfg.out` under `model.base` and `model.warmup` (given, not trained)."""
+    from .pipeline import check_config, score_job
+
+    config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
+    check_config(config)
+    s = score_job(config)
+    d = s.to_dict()
+    return ScoreResult(scores_dir=s.out_dir, rows=s.rows, status_counts=s.status_counts, shards=s.shards_total,
+                       shards_resumed=s.shards_skipped, base_tokens_per_s=d["base_tokens_per_s"],
+                       warmup_tokens_per_s=d["warmup_tokens_per_s"], wall_seconds=s.wall_seconds)
+
+
+def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """The score rows of a scores directory (finished shards only) as one Arrow table."""
+    from .selection import load_scores as _load
+
+    return _load(scores_dir, columns)
+
+
+def select(scores: str | pa.Table, out: str | None = None, **settings: Any) -> SelectionResult:
+    """`instructdiff select`: from a scores directory or a table of score rows; `settings` are
+    SelectionConfig fields (budget, budget_unit, gamma, strategy, seed, output_format, export).
+    With `out`, the selection is written there (ids, selection.parquet, stats and, when the
+    corpus is reachable, the records); without, it is only returned."""
+    from pydantic import ValidationError
+
+    from .config import ConfigError
+    from .selection import scores_plan, write_selection
+    from .selection import select as _select
+
+    try:
+        scfg = SelectionConfig(**settings)
+    except ValidationError as err:
+        raise ConfigError(str(err)) from None
+    plan = None
+    if isinstance(scores, str):
+        plan = scores_plan(scores)
+        scores = load_scores(scores)
+    sel = _select(scores, scfg)
+    paths = write_selection(sel, out, scfg.output_format, scfg.export, plan) if out else {}
+    return SelectionResult(rows=sel.rows, stats=sel.stats, paths=paths)
