@@ -69,6 +69,9 @@ class EngineConfig(_Strict):
     )
     max_num_seqs: int | None = Field(None, ge=1, description="vllm: sequences per step; default 256 cuda, 64 cpu")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (needs ray.gpus_per_actor >= this)")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="vllm: memory of one GPU of the cluster (24 for L4/A10G, 80 for H100); enables the "
+        "config-time check that the weights fit (memory.py)")
     enforce_eager: bool | None = Field(None, description="vllm: skip torch.compile/CUDA graphs; default true on cpu")
     cpu_kvcache_gb: int = Field(1, ge=1, description="vllm on cpu: KV cache GiB per engine")
 
@@ -196,10 +199,13 @@ class RunConfig(_Strict):
 
     def vllm_settings(self) -> dict[str, Any]:
         """EngineSettings fields of the vllm engine, defaults resolved for the device."""
+        from .memory import gpu_share
+
         e, cpu = self.engine, self.resolved_device() == "cpu"
         return dict(
             max_model_len=self.template.max_length,
-            gpu_memory_utilization=e.gpu_memory_utilization,
+            # this actor's share of each of its GPUs; VLLMEngine splits it between its engines (memory.py)
+            gpu_memory_utilization=e.gpu_memory_utilization * gpu_share(self.ray.gpus_per_actor, e.tensor_parallel_size),
             max_num_batched_tokens=e.max_num_batched_tokens or (2048 if cpu else 16384),
             max_num_seqs=e.max_num_seqs or (64 if cpu else 256),
             tensor_parallel_size=e.tensor_parallel_size,

@@ -225,9 +225,26 @@ def check_model_fits_template(cfg: RunConfig) -> None:
     if context and cfg.template.max_length > context:
         raise ConfigError(f"template.max_length={cfg.template.max_length} exceeds the context length of "
                           f"model.base ({context} positions); lower template.max_length")
+    if cfg.engine.name == "vllm":
+        check_gpu_memory(cfg, config)
     if cfg.template.kind == "chat" and not getattr(load_tokenizer(str(base)), "chat_template", None):
         raise ConfigError(f"template.kind=chat but the tokenizer of {cfg.model.base} has no chat template; "
                           "use template.kind=alpaca or raw, or a model that ships one")
+
+
+def check_gpu_memory(cfg: RunConfig, model_config: dict[str, Any]) -> None:
+    """vllm: refuse a plan whose weights cannot fit the GPUs before anything loads (memory.py)."""
+    from .memory import param_count, plan, smallest_tensor_parallel
+
+    e = cfg.engine
+    p = plan(param_count(model_config), cfg.model.dtype, 2, e.gpu_memory_utilization, cfg.ray.gpus_per_actor,
+             e.tensor_parallel_size, e.gpu_memory_gb)
+    if p.fits is False:
+        tp = smallest_tensor_parallel(param_count(model_config), cfg.model.dtype, 2, e.gpu_memory_utilization,
+                                      e.gpu_memory_gb)
+        hint = (f"engine.tensor_parallel_size={tp} with ray.gpus_per_actor={tp}" if tp else "a GPU with more memory")
+        raise ConfigError(f"model.base does not fit: {p.describe(e.gpu_memory_gb)}, over budget; round 1 holds the "
+                          f"base and warmup engines together. Use {hint}, or a smaller model.dtype")
 
 
 LENGTH_SKIP_WARN = 0.01  # a larger share of rows skipped for length biases the selection toward short samples

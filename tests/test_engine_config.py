@@ -45,3 +45,82 @@ def test_importing_the_package_does_not_import_vllm():
     code = "import instructdiff_ray.cli, instructdiff_ray.engines, instructdiff_ray.pipeline, sys; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+SHAPES = {  # config.json fields of real checkpoints (sizes only; no weights are needed)
+    "llama-3-8b": ("LlamaConfig", dict(hidden_size=4096, num_hidden_layers=32, vocab_size=128256, num_attention_heads=32,
+                                       num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False)),
+    "llama-3-70b": ("LlamaConfig", dict(hidden_size=8192, num_hidden_layers=80, vocab_size=128256, num_attention_heads=64,
+                                        num_key_value_heads=8, intermediate_size=28672, tie_word_embeddings=False)),
+    "qwen2.5-7b": ("Qwen2Config", dict(hidden_size=3584, num_hidden_layers=28, vocab_size=152064, num_attention_heads=28,
+                                       num_key_value_heads=4, intermediate_size=18944, tie_word_embeddings=False)),
+    "qwen3-8b": ("Qwen3Config", dict(hidden_size=4096, num_hidden_layers=36, vocab_size=151936, num_attention_heads=32,
+                                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, tie_word_embeddings=False)),
+    "gemma-2-9b": ("Gemma2Config", dict(hidden_size=3584, num_hidden_layers=42, vocab_size=256000, num_attention_heads=16,
+                                        num_key_value_heads=8, head_dim=256, intermediate_size=14336)),
+    "mistral-7b": ("MistralConfig", dict(hidden_size=4096, num_hidden_layers=32, vocab_size=32768, num_attention_heads=32,
+                                         num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False)),
+    "phi-3-mini": ("Phi3Config", dict(hidden_size=3072, num_hidden_layers=32, vocab_size=32064, num_attention_heads=32,
+                                      num_key_value_heads=32, intermediate_size=8192, tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_parameter_count_from_config_equals_the_models(name):
+    import torch
+    import transformers
+
+    from instructdiff_ray.memory import param_count
+
+    cls, fields = SHAPES[name]
+    config = getattr(transformers, cls)(**fields)
+    with torch.device("meta"):  # shapes only, nothing allocated
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert param_count(config.to_dict()) == sum(p.numel() for p in model.parameters())
+
+
+def test_memory_requests_add_up_per_gpu(tmp_path, tiny_model, gsm8k):
+    """Each actor asks vLLM for its share of a GPU; the engines it holds split that share."""
+    from instructdiff_ray.memory import plan
+
+    def util(**ray):
+        return make_config(tmp_path, [gsm8k], tiny_model, ray=ray).vllm_settings()["gpu_memory_utilization"]
+
+    assert util() == pytest.approx(0.9) and util(gpus_per_actor=1) == pytest.approx(0.9)
+    assert util(gpus_per_actor=0.5) == pytest.approx(0.45)  # two half-GPU actors: 0.9 of the GPU together
+    two = plan(8_030_261_248, "bfloat16", 2, 0.9, 0.5, 1, 80)
+    assert two.utilization_per_engine == pytest.approx(0.225) and 2 * 2 * two.utilization_per_engine == pytest.approx(0.9)
+    assert two.fits is True  # 15.0 GB of weights + 2 GB within 80 x 0.225 = 18 GB
+
+
+def _model_dir(tmp_path, name):
+    cls, fields = SHAPES[name]
+    d = tmp_path / name
+    d.mkdir()
+    arch = cls.replace("Config", "ForCausalLM")
+    (d / "config.json").write_text(json.dumps({**fields, "architectures": [arch], "model_type": cls[:-6].lower(),
+                                               "max_position_embeddings": 8192}))
+    return d
+
+
+def test_impossible_memory_plans_are_refused_before_any_model_loads(tmp_path, gsm8k):
+    """Two bf16 Llama-3-8B engines do not fit a 24 GB card (2 x 15 GB); they fit an 80 GB card, and
+    a 24 GB card at tensor parallel 2; a 70B model needs tensor parallel 4 on 80 GB cards."""
+    pytest.importorskip("vllm")
+    from instructdiff_ray.pipeline import check_model_fits_template
+
+    def check(name, gb, tp=1):
+        where = tmp_path / f"{name}-{gb}-{tp}"
+        where.mkdir()
+        cfg = make_config(where, [gsm8k], _model_dir(where, name), model={"dtype": "bfloat16"},
+                          template={"max_length": 2048}, ray={"gpus_per_actor": tp},
+                          engine={"name": "vllm", "gpu_memory_gb": gb, "tensor_parallel_size": tp})
+        check_model_fits_template(cfg)
+
+    with pytest.raises(ConfigError, match=r"does not fit.*24 GB GPU.*tensor_parallel_size=2"):
+        check("llama-3-8b", 24)
+    check("llama-3-8b", 80)
+    check("llama-3-8b", 24, tp=2)
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=4"):
+        check("llama-3-70b", 80, tp=2)
+    check("llama-3-70b", 80, tp=4)
