@@ -221,9 +221,15 @@ class HFEngine:
         return mean_nll.cpu().numpy(), mean_ent.cpu().numpy()
 
 
-# Architectures the vllm engine can score; each is served as `VLLM_PREFIX + arch` (vllm_model.py).
-VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Every text-generation architecture vLLM serves is scored as `VLLM_PREFIX + arch` (vllm_model.py).
 VLLM_PREFIX = "InstructDiffScore"
+
+
+def vllm_text_architectures() -> set[str]:
+    """vLLM's decoder-only text-generation architectures (its registry's own table, vLLM 0.32)."""
+    from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS
+
+    return set(_TEXT_GENERATION_MODELS)
 
 
 def register_vllm_models() -> None:
@@ -231,8 +237,9 @@ def register_vllm_models() -> None:
     are registered lazily by name, so this imports nothing heavy and never initialises CUDA."""
     from vllm import ModelRegistry
 
-    for arch in VLLM_ARCHITECTURES:
-        if VLLM_PREFIX + arch not in ModelRegistry.get_supported_archs():
+    supported = set(ModelRegistry.get_supported_archs())
+    for arch in vllm_text_architectures():
+        if VLLM_PREFIX + arch not in supported:
             ModelRegistry.register_model(VLLM_PREFIX + arch, f"instructdiff_ray.vllm_model:{VLLM_PREFIX}{arch}")
 
 
@@ -249,13 +256,24 @@ def _vocab_size(model_dir: str) -> int:
 
 
 def vllm_architecture(model_dir: str) -> str:
-    """The architecture vLLM will build for `model_dir`, or a ValueError naming what is supported."""
-    archs = _model_config(model_dir).get("architectures") or []
+    """The architecture vLLM will build for `model_dir`, or a ValueError saying why it cannot be
+    scored: scoring reads the logits of a decoder-only text model (vLLM's `compute_logits`)."""
+    from vllm.model_executor.models.registry import _MULTIMODAL_MODELS
+
+    config = _model_config(model_dir)
+    archs = config.get("architectures") or []
+    text = vllm_text_architectures()
     for arch in archs:
-        if arch in VLLM_ARCHITECTURES:
+        if arch in text:
             return arch
-    raise ValueError(f"{model_dir}: architecture {archs} is not supported by the vllm engine "
-                     f"(supported: {', '.join(VLLM_ARCHITECTURES)}); use engine.name=hf")
+    if any(a in _MULTIMODAL_MODELS for a in archs):
+        reason = "a multimodal model (its text-only causal LM, if published separately, can be scored)"
+    elif config.get("is_encoder_decoder"):
+        reason = "an encoder-decoder model, not a decoder-only causal LM"
+    else:
+        reason = "not a text-generation architecture vLLM 0.32 serves"
+    raise ValueError(f"{model_dir}: architecture {archs} is {reason}; the vllm engine scores decoder-only causal "
+                     "LMs (engine.name=hf scores any AutoModelForCausalLM)")
 
 
 class VLLMEngine:
@@ -277,8 +295,10 @@ class VLLMEngine:
 
         from . import vllm_model
 
-        for cls in vllm_model.SCORING_CLASSES.values():  # in-process registration inspects here, not in a subprocess
-            ModelRegistry.register_model(cls.__name__, cls)
+        for model_dir in (base_dir, warmup):  # registered in-process: vLLM inspects the class here, not in a subprocess
+            if model_dir and not is_adapter(model_dir):
+                cls = vllm_model.scoring_class(vllm_architecture(model_dir))
+                ModelRegistry.register_model(cls.__name__, cls)
         dirs = {"base": base_dir}
         if warmup:
             dirs["warmup"] = merged_warmup(warmup, base_dir) if is_adapter(warmup) else warmup

@@ -17,10 +17,6 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.layers.pooler import Pooler, PoolingParamsUpdate
 from vllm.model_executor.models.interfaces_base import VllmModelForPooling
-from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.mistral import MistralForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
-from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from .engines import VLLM_PREFIX
 from .metrics import chunk_positions, token_logp_entropy
@@ -92,17 +88,38 @@ def _targets(params, n_tokens: int) -> torch.Tensor:
     return torch.cat([torch.arange(max(a, 1), min(b, n_tokens)) for a, b in spans] or [torch.zeros(0, dtype=torch.long)])
 
 
-def _scoring_class(base: type) -> type:
+def _scoring_class(name: str, base: type) -> type:
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         base.__init__(self, vllm_config=vllm_config, prefix=prefix)
-        self.pooler = TokenScorePooler(self, vllm_config.model_config.hf_config.vocab_size)
+        self.pooler = TokenScorePooler(self, vllm_config.model_config.hf_config.get_text_config().vocab_size)
 
     return type(
-        VLLM_PREFIX + base.__name__,
+        name,
         (base, VllmModelForPooling),
         {"__init__": __init__, "is_pooling_model": True, "default_tok_pooling_type": "ALL", "__module__": __name__},
     )
 
 
-SCORING_CLASSES = {cls.__name__: _scoring_class(cls) for cls in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)}
-globals().update({c.__name__: c for c in SCORING_CLASSES.values()})
+_CLASSES: dict[str, type] = {}
+
+
+def scoring_class(arch: str) -> type:
+    """The scoring class of one of vLLM's text-generation architectures: vLLM's own model class
+    (its layers, weight loading and `compute_logits`, soft-capping included) with the token-score
+    pooler. Built on first use in each process."""
+    from vllm import ModelRegistry
+
+    name = VLLM_PREFIX + arch
+    if name not in _CLASSES:
+        base = ModelRegistry._try_load_model_cls(arch)  # vLLM 0.32's loader of a registered architecture
+        if base is None:
+            raise ValueError(f"vLLM has no model class for {arch}")
+        _CLASSES[name] = _scoring_class(name, base)
+    return _CLASSES[name]
+
+
+def __getattr__(name: str) -> type:
+    """`instructdiff_ray.vllm_model:InstructDiffScore<Arch>`, the lazy names the plugin registers."""
+    if name.startswith(VLLM_PREFIX):
+        return scoring_class(name[len(VLLM_PREFIX):])
+    raise AttributeError(name)

@@ -47,11 +47,24 @@ def _vllm(host, ids, masks, which):
     return scores
 
 
-def test_scoring_classes_cover_the_supported_architectures():
-    from instructdiff_ray.engines import VLLM_ARCHITECTURES
-    from instructdiff_ray.vllm_model import SCORING_CLASSES
+def test_architectures_come_from_vllms_registry_and_others_are_refused(tmp_path):
+    """Every decoder-only text model vLLM serves gets a scoring class built from vLLM's own model
+    class; multimodal and encoder-decoder models are refused with the reason."""
+    import json
 
-    assert set(SCORING_CLASSES) == set(VLLM_ARCHITECTURES)
+    from instructdiff_ray.engines import vllm_architecture, vllm_text_architectures
+
+    archs = vllm_text_architectures()
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+            "Gemma3ForCausalLM", "Phi3ForCausalLM"} <= archs and len(archs) > 50
+    for arch, extra, reason in (("LlavaForConditionalGeneration", {}, "multimodal"),
+                                ("T5ForConditionalGeneration", {"is_encoder_decoder": True}, "encoder-decoder"),
+                                ("BertModel", {}, "not a text-generation architecture")):
+        d = tmp_path / arch
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"architectures": [arch], **extra}))
+        with pytest.raises(ValueError, match=reason):
+            vllm_architecture(str(d))
 
 
 def test_mask_spans():
@@ -181,3 +194,21 @@ def test_pipeline_with_vllm_engine_equals_hf_engine(ray_local, tmp_path, tiny_mo
     assert v["sample_id"] == h["sample_id"] and v["n_response_tokens"] == h["n_response_tokens"]
     for col in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy", "delta_entropy"):
         np.testing.assert_allclose(v[col], h[col], atol=1e-4, rtol=0, err_msg=col)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_each_architecture_equals_the_hf_engine(ray_local, tmp_path, gsm8k, arch):
+    """Tiny random models of each family (Llama and Qwen2 are covered above and in
+    test_real_tokenizers): vLLM's own model class with our pooler equals the hf engine, Gemma 2's
+    final logit soft-capping included."""
+    import tiny
+
+    model = tiny.build_tiny_arch(tmp_path / arch, arch)
+    ids, masks = _tokenized(model, gsm8k, 8)
+    host = _host(ray_local, model, None, passes=("base",))
+    try:
+        got = _vllm(host, ids, masks, "base")
+    finally:
+        ray_local.kill(host)
+    hf = HFEngine(str(model), None, EngineSettings())
+    np.testing.assert_allclose(got, _hf(hf, ids, masks, "base"), atol=1e-4, rtol=0)

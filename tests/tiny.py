@@ -119,6 +119,34 @@ def build_tiny_gemma2(out: Path, softcap: float = 3.0, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_arch(out: Path, arch: str, seed: int = 0) -> Path:
+    """A tiny random model of one of the decoder-only families the vllm engine is tested on, on
+    the tiny BPE tokenizer: hidden 128, 2 layers, head_dim 64 (what vLLM's CPU attention takes)."""
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = {
+        "mistral": lambda: transformers.MistralConfig(num_key_value_heads=1, head_dim=64, sliding_window=None, **common),
+        "qwen3": lambda: transformers.Qwen3Config(num_key_value_heads=1, head_dim=64, **common),
+        # Gemma checkpoints tie the LM head to the embeddings (vLLM's Gemma classes assume so)
+        "gemma2": lambda: transformers.Gemma2Config(num_key_value_heads=1, head_dim=64, final_logit_softcapping=3.0,
+                                                    **{**common, "tie_word_embeddings": True}),
+        "gemma3": lambda: transformers.Gemma3TextConfig(num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
+                                                        sliding_window=512, **{**common, "tie_word_embeddings": True}),
+        "phi3": lambda: transformers.Phi3Config(num_key_value_heads=2, original_max_position_embeddings=4096, **common),
+    }[arch]()
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # logits far from uniform, as a trained model's are
+        model.get_output_embeddings().weight.mul_(12)
+    model.save_pretrained(out)
+    return out
+
+
 QWEN2_TOKENIZER = SHARED_DATA / "qwen2_tokenizer"
 SHAREGPT = SHARED_DATA / "sharegpt_2k.jsonl"
 
