@@ -69,11 +69,23 @@ class EngineConfig(_Strict):
     )
     max_num_seqs: int | None = Field(None, ge=1, description="vllm: sequences per step; default 256 cuda, 64 cpu")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (needs ray.gpus_per_actor >= this)")
+    placement: Literal["auto", "together", "pools"] = Field(
+        "auto", description="together: base and warmup models in one actor; pools: a base pool and a warmup pool, one "
+        "model per actor (a shard flows through both); auto: pools when vllm's two engines do not fit one actor's "
+        "GPUs but one does (needs engine.gpu_memory_gb), else together")
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="vllm: memory of one GPU of the cluster (24 for L4/A10G, 80 for H100); enables the "
         "config-time check that the weights fit (memory.py)")
     enforce_eager: bool | None = Field(None, description="vllm: skip torch.compile/CUDA graphs; default true on cpu")
     cpu_kvcache_gb: int = Field(1, ge=1, description="vllm on cpu: KV cache GiB per engine")
+
+
+class PoolConfig(_Strict):
+    """Size and resources of the warmup pool (engine.placement: pools); unset fields follow `ray`."""
+
+    min_actors: int | None = Field(None, ge=1)
+    max_actors: int | None = Field(None, ge=1)
+    gpus_per_actor: float | None = Field(None, ge=0)
 
 
 class RayConfig(_Strict):
@@ -88,6 +100,8 @@ class RayConfig(_Strict):
     tokenize_cpus: float = Field(0.25, gt=0, description="CPUs reserved per tokenize/write task")
     max_restarts: int = Field(3, ge=0, description="times a dead scoring actor is restarted")
     max_task_retries: int = Field(3, ge=0, description="times a shard is retried on a restarted actor")
+    warmup_pool: PoolConfig = Field(default_factory=PoolConfig,
+                                    description="engine.placement: pools: the warmup pool (the base pool is min/max_actors)")
 
     @model_validator(mode="after")
     def _sizes(self) -> "RayConfig":

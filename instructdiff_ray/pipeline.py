@@ -114,17 +114,25 @@ def score_corpus(
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.map_batches(tokenize_unit, batch_size=1, fn_kwargs={"cfg": cfg, "tokenizer": base},
                             num_cpus=cfg.ray.tokenize_cpus)
-        ds = ds.map_batches(
-            ScoreActor,
-            batch_format="pyarrow",
-            fn_constructor_kwargs={"cfg": cfg, "base": base, "warmup": warmup, "base_scores_dir": base_scores_dir},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.ray.min_actors, max_size=cfg.ray.max_actors),
-            num_cpus=cfg.ray.cpus_per_actor,
-            num_gpus=gpus_per_actor(cfg),
-            max_restarts=cfg.ray.max_restarts,
-            max_task_retries=cfg.ray.max_task_retries,
-        )
+        pools = warmup is not None and base_scores_dir is None and placement(cfg) == "pools"
+        stages = [("base", cfg.ray.min_actors, cfg.ray.max_actors, gpus_per_actor(cfg))] if pools else []
+        pool = cfg.ray.warmup_pool
+        stages.append(("warmup", pool.min_actors or cfg.ray.min_actors, pool.max_actors or cfg.ray.max_actors,
+                       pool.gpus_per_actor if pool.gpus_per_actor is not None else gpus_per_actor(cfg))
+                      if pools else ("all", cfg.ray.min_actors, cfg.ray.max_actors, gpus_per_actor(cfg)))
+        for stage, lo, hi, gpus in stages:  # pools: a shard flows through the base pool, then the warmup pool
+            ds = ds.map_batches(
+                ScoreActor,
+                batch_format="pyarrow",
+                fn_constructor_kwargs={"cfg": cfg, "base": base, "warmup": warmup, "base_scores_dir": base_scores_dir,
+                                       "stage": stage},
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                num_cpus=cfg.ray.cpus_per_actor,
+                num_gpus=gpus,
+                max_restarts=cfg.ray.max_restarts,
+                max_task_retries=cfg.ray.max_task_retries,
+            )
         ds = ds.map(write_shard, fn_kwargs={"out_dir": out_dir}, num_cpus=cfg.ray.tokenize_cpus)
         try:
             for marker in ds.iter_rows():
@@ -232,19 +240,59 @@ def check_model_fits_template(cfg: RunConfig) -> None:
                           "use template.kind=alpaca or raw, or a model that ships one")
 
 
-def check_gpu_memory(cfg: RunConfig, model_config: dict[str, Any]) -> None:
-    """vllm: refuse a plan whose weights cannot fit the GPUs before anything loads (memory.py)."""
-    from .memory import param_count, plan, smallest_tensor_parallel
+def _engine_plan(cfg: RunConfig, model_config: dict[str, Any], engines: int, pool_gpus: float | None = None):
+    from .memory import param_count, plan
 
     e = cfg.engine
-    p = plan(param_count(model_config), cfg.model.dtype, 2, e.gpu_memory_utilization, cfg.ray.gpus_per_actor,
-             e.tensor_parallel_size, e.gpu_memory_gb)
+    gpus = pool_gpus if pool_gpus is not None else cfg.ray.gpus_per_actor
+    return plan(param_count(model_config), cfg.model.dtype, engines, e.gpu_memory_utilization, gpus,
+                e.tensor_parallel_size, e.gpu_memory_gb)
+
+
+def base_model_config(cfg: RunConfig) -> dict[str, Any] | None:
+    """The base model's config.json (a Hub model brings only its config and tokenizer here)."""
+    import json
+    from pathlib import Path
+
+    from .models import kind, resolve_model
+
+    if kind(cfg.model.base) in ("builtin", "gguf"):
+        return None
+    path = Path(resolve_model(cfg.model.base, tokenizer_only=True)) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def placement(cfg: RunConfig, model_config: dict[str, Any] | None = None) -> str:
+    """together or pools (engine.placement; auto: pools when the vllm engine's two models do not
+    fit one actor's GPUs but one model does)."""
+    if cfg.engine.placement != "auto":
+        return cfg.engine.placement
+    if cfg.engine.name != "vllm" or not cfg.engine.gpu_memory_gb:
+        return "together"
+    model_config = model_config or base_model_config(cfg)
+    if model_config is None:
+        return "together"
+    together, alone = _engine_plan(cfg, model_config, 2), _engine_plan(cfg, model_config, 1)
+    return "pools" if together.fits is False and alone.fits else "together"
+
+
+def check_gpu_memory(cfg: RunConfig, model_config: dict[str, Any]) -> None:
+    """vllm: refuse a plan whose weights cannot fit the GPUs before anything loads (memory.py)."""
+    from .memory import param_count, smallest_tensor_parallel
+
+    e = cfg.engine
+    where = placement(cfg, model_config)
+    engines = 1 if where == "pools" else 2
+    p = _engine_plan(cfg, model_config, engines)
     if p.fits is False:
-        tp = smallest_tensor_parallel(param_count(model_config), cfg.model.dtype, 2, e.gpu_memory_utilization,
+        tp = smallest_tensor_parallel(param_count(model_config), cfg.model.dtype, engines, e.gpu_memory_utilization,
                                       e.gpu_memory_gb)
         hint = (f"engine.tensor_parallel_size={tp} with ray.gpus_per_actor={tp}" if tp else "a GPU with more memory")
-        raise ConfigError(f"model.base does not fit: {p.describe(e.gpu_memory_gb)}, over budget; round 1 holds the "
-                          f"base and warmup engines together. Use {hint}, or a smaller model.dtype")
+        if engines == 2 and _engine_plan(cfg, model_config, 1).fits:
+            hint = "engine.placement: pools (one model per actor)"
+        held = "the base and warmup engines together" if engines == 2 else "one engine per actor (placement: pools)"
+        raise ConfigError(f"model.base does not fit: {p.describe(e.gpu_memory_gb)}, over budget; round 1 holds "
+                          f"{held}. Use {hint}, or a smaller model.dtype")
 
 
 LENGTH_SKIP_WARN = 0.01  # a larger share of rows skipped for length biases the selection toward short samples

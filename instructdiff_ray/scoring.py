@@ -126,14 +126,21 @@ def _cached_tokenizer(spec: str):
     return _TOKENIZERS[spec]
 
 
-class ScoreActor:
-    """Holds base + warmup models for its lifetime and scores whole shards.
+# What the base pool adds to a tokenized shard for the warmup pool (engine.placement: pools).
+BASE_PASS = [("base_nll", pa.list_(pa.float64())), ("base_entropy", pa.list_(pa.float64())), ("base_stats", pa.string())]
 
-    With `base_scores_dir` set (rounds ≥ 2) the base columns are read from that directory's
-    shard file instead of being recomputed: base scores never change across rounds.
+
+class ScoreActor:
+    """Holds its models for its lifetime and scores whole shards.
+
+    stage "all": base + warmup models in one actor (engine.placement: together). With
+    `base_scores_dir` set (rounds ≥ 2) the base columns are read from that directory's shard
+    file instead of being recomputed: base scores never change across rounds.
+    stage "base" / "warmup" (engine.placement: pools): one model per actor; the base pool adds
+    the base columns to the tokenized shard, the warmup pool finishes it.
     """
 
-    def __init__(self, cfg: RunConfig, base: str, warmup: str | None, base_scores_dir: str | None):
+    def __init__(self, cfg: RunConfig, base: str, warmup: str | None, base_scores_dir: str | None, stage: str = "all"):
         from .engines import EngineSettings, make_engine
         from .models import is_adapter, merged_warmup, resolve_model
 
@@ -142,8 +149,12 @@ class ScoreActor:
         warmup_dir = resolve_model(warmup) if warmup else None
         if warmup and cfg.engine.name == "vllm" and is_adapter(warmup_dir):
             warmup_dir = merged_warmup(warmup, base_dir)  # the warmup stage's merged/ when it checks out
+        if stage == "warmup" and cfg.ray.warmup_pool.gpus_per_actor is not None:  # its own GPU share (memory.py)
+            cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"gpus_per_actor": cfg.ray.warmup_pool.gpus_per_actor})})
         self.cfg = cfg
         self.base_scores_dir = base_scores_dir
+        self.stage = stage
+        passes = {"base": ("base",), "warmup": ("warmup",)}.get(stage, ("warmup",) if base_scores_dir else ("base", "warmup"))
         settings = EngineSettings(
             dtype=cfg.model.dtype,
             device=cfg.resolved_device(),
@@ -152,19 +163,24 @@ class ScoreActor:
             padding_side=cfg.engine.padding_side,
             logits_chunk=cfg.engine.logits_chunk,
             threads=cfg.torch_threads(),
-            passes=("warmup",) if base_scores_dir else ("base", "warmup"),
+            passes=passes,
             **cfg.vllm_settings(),
         )
-        self.engine = make_engine(cfg.engine.name, base_dir, warmup_dir, settings)
+        self.passes = [q for q in passes if q == "base" or warmup_dir]
+        self.engine = make_engine(cfg.engine.name, base_dir, warmup_dir if stage != "base" else None, settings)
 
-    def __call__(self, batch: pa.Table) -> dict[str, list]:
+    def __call__(self, batch: pa.Table) -> dict[str, list] | pa.Table:
         from .engines import EngineFault
 
         out: dict[str, list] = {"shard_id": [], "payload": [], "stats": []}
+        partial = []
         for payload in batch.to_pylist():
             shard_id = payload["shard_id"]
             payload["quarantine"] = json.loads(payload["quarantine"])
             try:
+                if self.stage == "base":
+                    partial.append(self.base_pass(payload))
+                    continue
                 table, stats = self.score_payload(int(shard_id), payload)
             except EngineFault as err:
                 # The process is poisoned: end it so that Ray restarts the actor and retries the shard.
@@ -174,23 +190,34 @@ class ScoreActor:
             out["shard_id"].append(int(shard_id))
             out["payload"].append(pickle.dumps({"table": table, "quarantine": payload["quarantine"]}))
             out["stats"].append(json.dumps(stats))
+        if self.stage == "base":
+            return pa.Table.from_pylist(partial, schema=pa.schema([*TOKENIZED, *BASE_PASS]))
         return out
 
-    def score_payload(self, shard_id: int, p: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+    def base_pass(self, p: dict[str, Any]) -> dict[str, Any]:
+        """The base pool's part: the shard as it came, plus its base columns and statuses."""
+        cols, status, reason, stats = self._run_passes(p, list(p["status"]), list(p["reason"]))
+        return {**p, "quarantine": json.dumps(p["quarantine"], ensure_ascii=False), "status": status, "reason": reason,
+                "base_nll": cols["base_nll"].tolist(), "base_entropy": cols["base_entropy"].tolist(),
+                "base_stats": json.dumps(stats)}
+
+    def _run_passes(self, p: dict[str, Any], status: list[str], reason: list[str]):
+        """This actor's model passes over the shard's ok rows (base columns from the base pool, or
+        from round 1's files, when this actor runs only the warmup)."""
         n = len(p["sample_id"])
-        status = list(p["status"])
-        reason = list(p["reason"])
-        ok = [i for i in range(n) if status[i] == "ok"]
         cols = {k: np.full(n, np.nan) for k in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy")}
-        stats: dict[str, Any] = {"base_tokens": 0, "base_seconds": 0.0, "warmup_tokens": 0, "warmup_seconds": 0.0,
-                                 "tokenize_seconds": p.get("tokenize_seconds", 0.0),
-                                 "actor": f"{socket.gethostname()}:{os.getpid()}", "node": _node_id()}
-        if self.base_scores_dir:
-            self._reuse_base(shard_id, p, cols, status, reason)
-        passes = ["warmup"] if self.base_scores_dir else ["base", "warmup"]
-        if not self.engine.has_warmup:
-            passes = [q for q in passes if q == "base"]
-        for which in passes:
+        stats = {"base_tokens": 0, "base_seconds": 0.0, "warmup_tokens": 0, "warmup_seconds": 0.0,
+                 "tokenize_seconds": p.get("tokenize_seconds", 0.0),
+                 "actor": f"{socket.gethostname()}:{os.getpid()}", "node": _node_id()}
+        if p.get("base_nll") is not None:  # scored by the base pool
+            cols["base_nll"][:] = np.array(p["base_nll"], dtype=float)
+            cols["base_entropy"][:] = np.array(p["base_entropy"], dtype=float)
+            base = json.loads(p["base_stats"])
+            stats.update(base_tokens=base["base_tokens"], base_seconds=base["base_seconds"], base_actor=base["actor"])
+        elif self.base_scores_dir:
+            self._reuse_base(int(p["shard_id"]), p, cols, status, reason)
+        ok = [i for i in range(n) if status[i] == "ok"]
+        for which in self.passes:
             run = [i for i in ok if status[i] == "ok"]  # a row that failed the base pass is not run again
             res = self.engine.score([p["input_ids"][i] for i in run], [p["response_mask"][i] for i in run], which)
             cols[f"{which}_nll"][run] = res.nll
@@ -199,12 +226,19 @@ class ScoreActor:
             stats[f"{which}_seconds"] += res.seconds
             for j, msg in res.errors.items():
                 status[run[j]], reason[run[j]] = SCORE_ERROR, f"{which} pass: {msg}"
+        return cols, status, reason, stats
+
+    def score_payload(self, shard_id: int, p: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+        n = len(p["sample_id"])
+        ok = [i for i in range(n) if p["status"][i] == "ok"]
+        cols, status, reason, stats = self._run_passes(p, list(p["status"]), list(p["reason"]))
+        has_warmup = self.engine.has_warmup or p.get("base_nll") is not None
         delta_nll = cols["base_nll"] - cols["warmup_nll"]
         delta_ent = cols["base_entropy"] - cols["warmup_entropy"]
         for i in ok:
             if status[i] != "ok":
                 continue
-            vals = [cols[k][i] for k in cols] if self.engine.has_warmup else [cols["base_nll"][i], cols["base_entropy"][i]]
+            vals = [cols[k][i] for k in cols] if has_warmup else [cols["base_nll"][i], cols["base_entropy"][i]]
             if not np.all(np.isfinite(vals)):
                 status[i], reason[i] = NONFINITE, "a score is NaN or inf"
         good = np.array([s == "ok" for s in status])

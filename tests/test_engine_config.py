@@ -27,10 +27,11 @@ def test_vllm_missing_fails_at_config_time_with_install_hint(tmp_path, tiny_mode
 
 def test_vllm_config_errors(tmp_path, tiny_model, gsm8k):
     pytest.importorskip("vllm")
-    other = tmp_path / "gpt2"
+    other = tmp_path / "t5"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}))
-    with pytest.raises(ConfigError, match="GPT2LMHeadModel.*not supported by the vllm engine"):
+    (other / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"], "vocab_size": 10,
+                                                   "is_encoder_decoder": True}))
+    with pytest.raises(ConfigError, match="T5ForConditionalGeneration.*encoder-decoder"):
         make_config(tmp_path, [gsm8k], other, engine={"name": "vllm"})
     with pytest.raises(ConfigError, match="float16"):
         make_config(tmp_path, [gsm8k], tiny_model, engine={"name": "vllm"}, model={"dtype": "float16", "device": "cpu"})
@@ -104,23 +105,32 @@ def _model_dir(tmp_path, name):
 
 
 def test_impossible_memory_plans_are_refused_before_any_model_loads(tmp_path, gsm8k):
-    """Two bf16 Llama-3-8B engines do not fit a 24 GB card (2 x 15 GB); they fit an 80 GB card, and
-    a 24 GB card at tensor parallel 2; a 70B model needs tensor parallel 4 on 80 GB cards."""
+    """Two bf16 Llama-3-8B engines do not fit one 24 GB card (2 x 15 GB): placement auto then picks
+    two pools (one model per GPU), together is refused naming pools. A 70B model: tensor parallel 4
+    on 80 GB cards together, 2 in pools; 8 on 24 GB cards in pools; nothing fits 16 GB cards."""
     pytest.importorskip("vllm")
-    from instructdiff_ray.pipeline import check_model_fits_template
+    from instructdiff_ray.pipeline import check_model_fits_template, placement
 
-    def check(name, gb, tp=1):
-        where = tmp_path / f"{name}-{gb}-{tp}"
-        where.mkdir()
-        cfg = make_config(where, [gsm8k], _model_dir(where, name), model={"dtype": "bfloat16"},
-                          template={"max_length": 2048}, ray={"gpus_per_actor": tp},
-                          engine={"name": "vllm", "gpu_memory_gb": gb, "tensor_parallel_size": tp})
-        check_model_fits_template(cfg)
+    def cfg_for(name, gb, tp=1, where="auto"):
+        d = tmp_path / f"{name}-{gb}-{tp}-{where}"
+        d.mkdir()
+        return make_config(d, [gsm8k], _model_dir(d, name), model={"dtype": "bfloat16"}, template={"max_length": 2048},
+                           ray={"gpus_per_actor": tp},
+                           engine={"name": "vllm", "gpu_memory_gb": gb, "tensor_parallel_size": tp, "placement": where})
 
-    with pytest.raises(ConfigError, match=r"does not fit.*24 GB GPU.*tensor_parallel_size=2"):
-        check("llama-3-8b", 24)
-    check("llama-3-8b", 80)
-    check("llama-3-8b", 24, tp=2)
-    with pytest.raises(ConfigError, match=r"tensor_parallel_size=4"):
-        check("llama-3-70b", 80, tp=2)
-    check("llama-3-70b", 80, tp=4)
+    auto = cfg_for("llama-3-8b", 24)
+    check_model_fits_template(auto)
+    assert placement(auto) == "pools"
+    with pytest.raises(ConfigError, match=r"does not fit.*24 GB GPU.*engine.placement: pools"):
+        check_model_fits_template(cfg_for("llama-3-8b", 24, where="together"))
+    for ok in (cfg_for("llama-3-8b", 80), cfg_for("llama-3-8b", 24, tp=2, where="together")):
+        check_model_fits_template(ok)
+        assert placement(ok) == "together"
+    with pytest.raises(ConfigError, match=r"engine.placement: pools"):
+        check_model_fits_template(cfg_for("llama-3-70b", 80, tp=2, where="together"))
+    check_model_fits_template(cfg_for("llama-3-70b", 80, tp=2, where="pools"))
+    check_model_fits_template(cfg_for("llama-3-70b", 80, tp=4))
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=8"):
+        check_model_fits_template(cfg_for("llama-3-70b", 24, tp=4, where="pools"))
+    with pytest.raises(ConfigError, match=r"a GPU with more memory"):
+        check_model_fits_template(cfg_for("llama-3-70b", 16, tp=8, where="pools"))

@@ -212,3 +212,34 @@ def test_each_architecture_equals_the_hf_engine(ray_local, tmp_path, gsm8k, arch
         ray_local.kill(host)
     hf = HFEngine(str(model), None, EngineSettings())
     np.testing.assert_allclose(got, _hf(hf, ids, masks, "base"), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_pools_give_the_scores_of_one_actor_with_rounds(ray_local, tmp_path, tiny_model, gsm8k):
+    """engine.placement pools (a base pool, then a warmup pool, one vLLM engine per actor) against
+    together (both engines in one actor), two rounds each: the same scores and selections, and
+    round 2 reuses round 1's base columns in both."""
+    import pyarrow.parquet as pq
+
+    from conftest import make_config
+    from instructdiff_ray.pipeline import run_job
+
+    tables = {}
+    for where in ("together", "pools"):
+        cfg = make_config(tmp_path / where, [gsm8k], tiny_model, rounds=2, data={"limit": 40, "shard_rows": 10},
+                          engine={"name": "vllm", "placement": where, "threads": 1},
+                          warmup={"alpha": 0.25, "max_steps": 3, "batch_size": 4, "learning_rate": 1e-3},
+                          selection={"budget": 0.3}, template={"max_length": 1024})
+        result = run_job(cfg)
+        assert [r["scoring"]["status_counts"] for r in result["rounds"]] == [{"ok": 40}, {"ok": 40}]
+        tables[where] = [pq.read_table(tmp_path / where / "out" / f"round-{k}" / "scores").sort_by("source_row").to_pydict()
+                         for k in (1, 2)]
+        assert tables[where][1]["base_nll"] == tables[where][0]["base_nll"]
+        for k in (1, 2):
+            ids = (tmp_path / where / "out" / f"round-{k}" / "selection" / "selected_ids.txt").read_text()
+            tables[where][k - 1]["ids"] = ids
+    for k in (0, 1):
+        a, b = tables["together"][k], tables["pools"][k]
+        for col in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy"):
+            assert np.max(np.abs(np.array(a[col]) - np.array(b[col]))) < 1e-6
+        assert a["ids"] == b["ids"]
