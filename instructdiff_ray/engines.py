@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,6 +98,7 @@ class EngineSettings:
     enforce_eager: bool = False
     cpu_kvcache_gb: int = 1
     passes: tuple[str, ...] = ("base", "warmup")
+    load_format: str = "auto"  # "dummy": random weights of the config's shape (benchmarks/bench_gpu.py)
 
 
 @dataclass
@@ -113,15 +115,21 @@ class PassResult:
 class HFEngine:
     """Transformers engine holding the base model and (optionally) the warmup model."""
 
-    def __init__(self, base_dir: str, warmup: str | None, settings: EngineSettings):
-        from transformers import AutoModelForCausalLM
+    def _load(self, model_dir: str, kw: dict[str, Any]):
+        from transformers import AutoConfig, AutoModelForCausalLM
 
+        if self.s.load_format == "dummy":  # shapes only: random weights made on the device
+            with torch.device(self.device):
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), **kw).eval()
+        return AutoModelForCausalLM.from_pretrained(model_dir, **kw).to(self.device).eval()
+
+    def __init__(self, base_dir: str, warmup: str | None, settings: EngineSettings):
         self.s = settings
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.device = torch.device(settings.device)
         kw = dict(dtype=DTYPES[settings.dtype], attn_implementation="sdpa")
-        self.base = AutoModelForCausalLM.from_pretrained(base_dir, **kw).to(self.device).eval()
+        self.base = self._load(base_dir, kw)
         self.warm = None
         self.shared = False
         if warmup and is_adapter(warmup):
@@ -130,7 +138,7 @@ class HFEngine:
             self.base = PeftModel.from_pretrained(self.base, warmup).to(self.device).eval()
             self.shared = True
         elif warmup:
-            self.warm = AutoModelForCausalLM.from_pretrained(warmup, **kw).to(self.device).eval()
+            self.warm = self._load(warmup, kw)
         self.has_warmup = bool(warmup)
         vocab = self.base.get_output_embeddings().weight.shape[0]
         self.vocab = self.base.get_input_embeddings().weight.shape[0]
@@ -345,6 +353,8 @@ class VLLMEngine:
         )
         if self.s.device != "cpu":
             kw["gpu_memory_utilization"] = self.s.gpu_memory_utilization * share
+        if self.s.load_format == "dummy":  # random weights, no tokenizer: token ids go in directly
+            kw.update(load_format="dummy", skip_tokenizer_init=True)
         return LLM(**kw)
 
     def score(self, ids: list[list[int]], masks: list[list[bool]], which: str) -> PassResult:

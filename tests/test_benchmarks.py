@@ -1,0 +1,25 @@
+"""The benchmark scripts run (on CPU, tiny shapes), so that they never rot between GPU loans."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape():
+    pytest.importorskip("vllm")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny", "--device", "cpu",
+                          "--samples", "8", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert {(r["engine"], r["placement"]) for r in rows} == {(e, p) for e in ("vllm", "hf") for p in ("together", "pools")}
+    for r in rows:
+        assert "error" not in r, r
+        assert [p["pass"] for p in r["passes"]] == ["base", "warmup"]
+        assert all(p["tokens_per_s"] > 0 and p["start_s"] >= 0 for p in r["passes"])
+    assert "| tiny | vllm | pools | warmup |" in out.stdout
