@@ -36,6 +36,7 @@ STRATEGIES = {
     "ppl_max": "highest base-model perplexity first, no filter",
     "entropy_min": "lowest base-model entropy first, no filter",
     "entropy_max": "highest base-model entropy first, no filter",
+    "longest": "most response tokens first (the length baseline), no filter",
 }
 SCORE_COLUMNS = ["sample_id", "source_file", "source_row", "n_response_tokens", "base_nll", "base_entropy",
                  "delta_nll", "delta_entropy", "status"]
@@ -161,6 +162,8 @@ def _order(cols: dict[str, np.ndarray], keep: np.ndarray, cfg: SelectionConfig) 
     n = len(keep)
     if s == "random":
         return np.random.default_rng(cfg.seed).permutation(n)
+    if s == "longest":
+        return _argsort(cols["n_response_tokens"], "descending")
     if s in ("ppl_min", "ppl_max", "entropy_min", "entropy_max"):
         col = "base_nll" if s.startswith("ppl") else "base_entropy"
         return _argsort(cols[col], "ascending" if s.endswith("min") else "descending")
@@ -199,6 +202,7 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
     if filtered and not finite.all():
         raise ValueError(f"{int((~finite).sum())} ok rows lack warmup scores; strategy {cfg.strategy} needs ΔNLL and ΔH")
     tokens = table.column("n_response_tokens").to_numpy().astype(np.int64)[rows]
+    cols["n_response_tokens"] = tokens
     total_tokens = int(tokens.sum())
     budget = int(np.floor(cfg.budget * (total_tokens if cfg.budget_unit == "tokens" else n)))
     keep, k = nll_filter(dnll, cfg.gamma) if filtered else (np.ones(n, dtype=bool), 0)

@@ -80,7 +80,8 @@ def test_duplicates_are_dropped_and_non_ok_rows_never_ranked():
     assert not any(t[i]["status"] != "ok" for i in chosen) and 20 not in chosen
 
 
-@pytest.mark.parametrize("strategy", ["random", "middle_dh", "highest_dh", "ppl_min", "ppl_max", "entropy_min", "entropy_max"])
+@pytest.mark.parametrize("strategy", ["random", "middle_dh", "highest_dh", "ppl_min", "ppl_max", "entropy_min", "entropy_max",
+                                      "longest"])
 def test_comparison_strategies_fill_the_same_budget(strategy):
     table = random_scores(5000, seed=9)
     ours = select(table, SelectionConfig(strategy="instructdiff"))
@@ -94,6 +95,16 @@ def test_comparison_strategies_fill_the_same_budget(strategy):
         assert min(ids["delta_entropy"]) > max(ours.rows.column("delta_entropy").to_pylist())
     if strategy == "ppl_min":
         assert ids["base_nll"] == sorted(ids["base_nll"])
+    if strategy == "longest":  # the longest responses, ties by sample_id, the row crossing the budget included
+        ok = table.filter(pa.compute.equal(table.column("status"), "ok")).to_pydict()
+        ranked = sorted(zip(ok["n_response_tokens"], ok["sample_id"]), key=lambda x: (-x[0], x[1]))
+        taken, want = 0, []
+        for n, sid in ranked:
+            if taken >= budget:
+                break
+            want.append(sid)
+            taken += n
+        assert ids["sample_id"] == want
     if strategy == "middle_dh":
         med = np.median(np.array(ours.scored.column("delta_entropy").to_pylist())[ours.kept_mask])
         assert min(ids["delta_entropy"]) <= med <= max(ids["delta_entropy"])
