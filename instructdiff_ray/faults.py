@@ -31,8 +31,8 @@ KILL_POINTS = (
     "manifest.mid_write",  # half of a scores manifest's temporary written
     "shard.before_marker",  # shard Parquet moved into place, its marker not yet written (Ray worker)
     "marker.mid_write",  # half of a shard marker's temporary written (Ray worker)
-    "selection.between_files",  # selection.parquet written, the user's rows not yet exported
-    "selection.before_commit",  # every selection file written, its commit marker not yet
+    "selection.between_files",  # selection.parquet written, the user's rows not yet exported (a Ray task)
+    "selection.before_commit",  # every selection file written, its commit marker not yet (a Ray task)
     "run_summary.mid_write",  # half of _run_summary.json's temporary written
 )
 

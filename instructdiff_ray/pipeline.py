@@ -152,6 +152,14 @@ def score_corpus(
     return summary
 
 
+def select_round(cfg: RunConfig, scores_dir: str, sel_dir: str, shards: list[Shard]) -> tuple[dict[str, str], dict[str, Any]]:
+    """One round's selection, written and committed (run as a task: it reads every score row)."""
+    from .selection import load_scores, select, write_selection
+
+    sel = select(load_scores(scores_dir), cfg.selection)
+    return write_selection(sel, sel_dir, cfg.selection.output_format, cfg.selection.export, shards), sel.stats
+
+
 def check_error_fraction(summary: ScoreSummary, limit: float, out_dir: str) -> None:
     bad = {k: v for k, v in summary.status_counts.items() if k in ERROR_STATUSES}
     n = sum(bad.values())
@@ -270,7 +278,7 @@ def placement(cfg: RunConfig, model_config: dict[str, Any] | None = None) -> str
     if cfg.engine.name != "vllm" or not cfg.engine.gpu_memory_gb:
         return "together"
     model_config = model_config or base_model_config(cfg)
-    if model_config is None:
+    if model_config is None or not {"hidden_size", "num_hidden_layers"} <= set(model_config.get("text_config", model_config)):
         return "together"
     together, alone = _engine_plan(cfg, model_config, 2), _engine_plan(cfg, model_config, 1)
     return "pools" if together.fits is False and alone.fits else "together"
@@ -281,6 +289,14 @@ def check_gpu_memory(cfg: RunConfig, model_config: dict[str, Any]) -> None:
     from .memory import param_count, smallest_tensor_parallel
 
     e = cfg.engine
+    if not e.gpu_memory_gb:
+        return
+    try:
+        param_count(model_config)
+    except KeyError as err:  # a config.json without the usual decoder fields (GPT-2 names them n_embd, ...)
+        log.warning("engine.gpu_memory_gb: cannot count the parameters of model.base (no %s in its config.json); "
+                    "the memory check is skipped", err)
+        return
     where = placement(cfg, model_config)
     engines = 1 if where == "pools" else 2
     p = _engine_plan(cfg, model_config, engines)
@@ -329,8 +345,9 @@ def run_job(cfg: RunConfig) -> dict[str, Any]:
 
 def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
     from .report import write_run_report
+    from .runtime import remote_call
     from .tracking import log_run
-    from .selection import load_scores, select, selected_rows, write_selection
+    from .selection import selected_rows
     from .warmup import collect_samples, draw_rows, train_warmup
 
     t0 = time.monotonic()
@@ -365,22 +382,20 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
         t = time.monotonic()
         sel_dir = join(rdir, "selection")
         commit = rundir.committed_selection(sel_dir)
-        if commit is None:
-            sel = select(load_scores(join(rdir, "scores")), cfg.selection)
-            paths = write_selection(sel, sel_dir, cfg.selection.output_format, cfg.selection.export, shards)
-            stats = sel.stats
+        if commit is None:  # on the cluster: the driver never holds the N score rows
+            paths, stats = remote_call(select_round, cfg, join(rdir, "scores"), sel_dir, shards)
         else:
             paths, stats = commit["paths"], rundir.read_json(commit["paths"]["stats"])
         timings["select_s"] = time.monotonic() - t
         Progress(f"select r{k}", 1, cfg.progress).note(
             f"{stats['selected_rows']} of {stats['rows_scored']} rows selected -> {paths.get('data', 'ids and scores only (records not exported)')}")
-        train_rows = selected_rows(paths["scores"])
+        train_rows = selected_rows(paths["scores"]) if k < cfg.rounds else None
         rounds.append({"round": k, "warmup": warm_info, "scoring": summary.to_dict(), "selection": stats,
                        "paths": paths, "timings": timings})
     result = {"run_dir": cfg.out, "rounds": rounds, "final_selection": rounds[-1]["paths"],
               "wall_seconds": time.monotonic() - t0}
     rundir.write_run_summary(cfg.out, result)
-    write_run_report(cfg.out)
+    remote_call(write_run_report, cfg.out)
     result["mlflow_run_id"] = log_run(cfg, result)
     if result["mlflow_run_id"]:
         rundir.write_run_summary(cfg.out, result)

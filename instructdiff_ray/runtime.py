@@ -159,3 +159,13 @@ def map_tasks(fn, jobs: list[tuple], num_cpus: float = 1) -> list[Any]:
 
     with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
         return list(pool.map(lambda job: fn(*job), jobs))
+
+
+def remote_call(fn, *args, num_cpus: float = 1) -> Any:
+    """fn(*args) as one Ray task when attached (work that holds O(corpus) memory, like selection
+    over every score row, then runs on a worker, not in the driver), else in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        return fn(*args)
+    return ray.get(ray.remote(num_cpus=num_cpus, max_retries=1)(fn).remote(*args))

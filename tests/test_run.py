@@ -156,12 +156,12 @@ def test_config_errors_fail_fast_with_exit_2(tmp_path, gsm8k, capsys):
     assert main(base + ["--set", "selection.strategy=best"]) == 2
     assert main(["run", "--data", str(tmp_path / "missing.jsonl"), "--base", "x", "--out", "o"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    (gpt2 / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}')
-    assert main(["run", "--data", str(gsm8k), "--base", str(gpt2), "--out", str(tmp_path / "o"), "--engine", "vllm"]) == 2
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text('{"architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": true}')
+    assert main(["run", "--data", str(gsm8k), "--base", str(t5), "--out", str(tmp_path / "o"), "--engine", "vllm"]) == 2
     err = capsys.readouterr().err
-    assert "not supported by the vllm engine" in err or "vLLM is not installed" in err
+    assert "encoder-decoder" in err or "vLLM is not installed" in err
 
 
 def test_model_dependent_config_errors_fail_before_any_model_loads(tmp_path, gsm8k, tiny_model, capsys):
