@@ -44,6 +44,8 @@ class TemplateConfig(_Strict):
     max_length: int = Field(2048, ge=2)
     length_policy: Literal["skip", "truncate"] = "skip"
     raw_separator: str = ""
+    ifd: bool = Field(False, description="also score each response alone (without its prompt) under the base model: "
+                                         "one extra base pass per row, for the IFD baselines (ifd_loss, ifd_ppl)")
 
 
 class ModelConfig(_Strict):

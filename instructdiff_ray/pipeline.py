@@ -43,6 +43,8 @@ class ScoreSummary:
     warmup_seconds: float
     wall_seconds: float
     tokenize_seconds: float = 0.0  # worker-seconds of read + tokenize, summed over shards
+    alone_tokens: int = 0  # template.ifd: the extra base pass over responses alone (its cost)
+    alone_seconds: float = 0.0
     write_seconds: float = 0.0  # worker-seconds of writing shard files
     markers: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -110,6 +112,13 @@ def score_corpus(
         progress.note(f"resuming: {len(shards) - len(pending)} of {len(shards)} shards already done")
     if pending:
         init_ray(cfg)
+        from ray.data import DataContext
+
+        # Every block is one shard: a read unit (a gzip file, a Parquet row group) yields its
+        # shards one by one, and each must flow on as soon as it is tokenized; by default Ray
+        # Data buffers a task's outputs up to 128 MB (~100 shards) before passing them on.
+        ctx = DataContext.get_current()
+        block_size, ctx.target_max_block_size = ctx.target_max_block_size, 1
         units = [{"shards": json.dumps([s.to_dict() for s in u])} for u in read_units(pending)]
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.map_batches(tokenize_unit, batch_size=1, fn_kwargs={"cfg": cfg, "tokenizer": base},
@@ -143,6 +152,8 @@ def score_corpus(
                 f"scoring stopped: {type(err).__name__}: {str(err).splitlines()[0][:500]} ({done} of {len(shards)} shards "
                 f"are finished and kept; scoring actors are restarted at most ray.max_restarts={cfg.ray.max_restarts} "
                 "times after a systemic fault; rerun the same command to resume)") from err
+        finally:
+            ctx.target_max_block_size = block_size
     summary = summarize(out_dir, shards, len(shards) - len(pending), time.monotonic() - t0)
     note = length_note(summary, cfg.template.max_length)
     if note:
@@ -197,6 +208,8 @@ def summarize(out_dir: str, shards: list[Shard], skipped: int, wall: float) -> S
         warmup_seconds=sum(m["warmup_seconds"] for m in ms),
         wall_seconds=wall,
         tokenize_seconds=sum(m.get("tokenize_seconds", 0.0) for m in ms),
+        alone_tokens=sum(m.get("alone_tokens", 0) for m in ms),
+        alone_seconds=sum(m.get("alone_seconds", 0.0) for m in ms),
         write_seconds=sum(m.get("write_seconds", 0.0) for m in ms),
         markers=ms,
     )

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from . import rundir
 from .config import RunConfig
 from .corpus import Sample, Shard, iter_unit, normalize_rows
-from .template import TEMPLATE_ERROR, tokenize_samples
+from .template import TEMPLATE_ERROR, response_alone, tokenize_samples
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ SCHEMA = pa.schema(
         ("delta_entropy", pa.float64()),
         ("status", pa.string()),
         ("reason", pa.string()),
+        ("base_nll_alone", pa.float64()),  # template.ifd: the response scored without its prompt (else null)
     ]
 )
 SCORE_ERROR = "error"
@@ -74,6 +75,8 @@ TOKENIZED = pa.schema([
     ("n_resp", pa.list_(pa.int32())),
     ("status", pa.list_(pa.string())),
     ("reason", pa.list_(pa.string())),
+    ("alone_ids", pa.list_(pa.list_(pa.int32()))),  # template.ifd: each response tokenized alone (else empty)
+    ("alone_mask", pa.list_(pa.list_(pa.bool_()))),
     ("quarantine", pa.string()),  # JSON list of the shard's unparseable lines
     ("tokenize_seconds", pa.float64()),  # read + normalise + template + tokenize of this shard
 ])
@@ -96,6 +99,7 @@ def tokenize_unit(batch: dict[str, np.ndarray], cfg: RunConfig, tokenizer: str) 
 
 def tokenize_rows(shard: Shard, samples: list[Sample], cfg: RunConfig, tokenizer: Any) -> pa.Table:
     toks = tokenize_samples(samples, cfg.template, tokenizer)
+    alone = response_alone(samples, toks, cfg.template, tokenizer) if cfg.template.ifd else [([], [])] * len(samples)
     quarantine = [{"source_file": s.source_file, "line": s.source_row + 1, "status": s.status, "raw": s.raw}
                   for s in samples if s.status in QUARANTINE_STATUSES]
     columns = {
@@ -109,6 +113,8 @@ def tokenize_rows(shard: Shard, samples: list[Sample], cfg: RunConfig, tokenizer
         "n_resp": [[t.n_response_tokens for t in toks]],
         "status": [[t.status for t in toks]],
         "reason": [[t.reason for t in toks]],
+        "alone_ids": [[a[0] for a in alone]],
+        "alone_mask": [[a[1] for a in alone]],
         "quarantine": [json.dumps(quarantine, ensure_ascii=False)],
         "tokenize_seconds": [0.0],
     }
@@ -127,7 +133,8 @@ def _cached_tokenizer(spec: str):
 
 
 # What the base pool adds to a tokenized shard for the warmup pool (engine.placement: pools).
-BASE_PASS = [("base_nll", pa.list_(pa.float64())), ("base_entropy", pa.list_(pa.float64())), ("base_stats", pa.string())]
+BASE_PASS = [("base_nll", pa.list_(pa.float64())), ("base_entropy", pa.list_(pa.float64())),
+             ("base_nll_alone", pa.list_(pa.float64())), ("base_stats", pa.string())]
 
 
 class ScoreActor:
@@ -199,21 +206,24 @@ class ScoreActor:
         cols, status, reason, stats = self._run_passes(p, list(p["status"]), list(p["reason"]))
         return {**p, "quarantine": json.dumps(p["quarantine"], ensure_ascii=False), "status": status, "reason": reason,
                 "base_nll": cols["base_nll"].tolist(), "base_entropy": cols["base_entropy"].tolist(),
-                "base_stats": json.dumps(stats)}
+                "base_nll_alone": cols["base_nll_alone"].tolist(), "base_stats": json.dumps(stats)}
 
     def _run_passes(self, p: dict[str, Any], status: list[str], reason: list[str]):
         """This actor's model passes over the shard's ok rows (base columns from the base pool, or
         from round 1's files, when this actor runs only the warmup)."""
         n = len(p["sample_id"])
-        cols = {k: np.full(n, np.nan) for k in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy")}
+        cols = {k: np.full(n, np.nan) for k in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy", "base_nll_alone")}
         stats = {"base_tokens": 0, "base_seconds": 0.0, "warmup_tokens": 0, "warmup_seconds": 0.0,
+                 "alone_tokens": 0, "alone_seconds": 0.0,
                  "tokenize_seconds": p.get("tokenize_seconds", 0.0),
                  "actor": f"{socket.gethostname()}:{os.getpid()}", "node": _node_id()}
         if p.get("base_nll") is not None:  # scored by the base pool
             cols["base_nll"][:] = np.array(p["base_nll"], dtype=float)
             cols["base_entropy"][:] = np.array(p["base_entropy"], dtype=float)
+            cols["base_nll_alone"][:] = np.array(p["base_nll_alone"], dtype=float)
             base = json.loads(p["base_stats"])
-            stats.update(base_tokens=base["base_tokens"], base_seconds=base["base_seconds"], base_actor=base["actor"])
+            stats.update({k: base[k] for k in ("base_tokens", "base_seconds", "alone_tokens", "alone_seconds")},
+                         base_actor=base["actor"])
         elif self.base_scores_dir:
             self._reuse_base(int(p["shard_id"]), p, cols, status, reason)
         ok = [i for i in range(n) if status[i] == "ok"]
@@ -226,6 +236,12 @@ class ScoreActor:
             stats[f"{which}_seconds"] += res.seconds
             for j, msg in res.errors.items():
                 status[run[j]], reason[run[j]] = SCORE_ERROR, f"{which} pass: {msg}"
+            if which == "base" and self.cfg.template.ifd:  # the IFD baselines' extra pass: responses alone
+                alone = [i for i in ok if status[i] == "ok" and p["alone_ids"][i]]
+                res = self.engine.score([p["alone_ids"][i] for i in alone], [p["alone_mask"][i] for i in alone], "base")
+                cols["base_nll_alone"][alone] = res.nll  # a row whose alone pass failed keeps null: no IFD
+                stats["alone_tokens"] += res.tokens
+                stats["alone_seconds"] += res.seconds
         return cols, status, reason, stats
 
     def score_payload(self, shard_id: int, p: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
@@ -233,6 +249,7 @@ class ScoreActor:
         ok = [i for i in range(n) if p["status"][i] == "ok"]
         cols, status, reason, stats = self._run_passes(p, list(p["status"]), list(p["reason"]))
         has_warmup = self.engine.has_warmup or p.get("base_nll") is not None
+        alone = cols.pop("base_nll_alone")
         delta_nll = cols["base_nll"] - cols["warmup_nll"]
         delta_ent = cols["base_entropy"] - cols["warmup_entropy"]
         for i in ok:
@@ -242,7 +259,7 @@ class ScoreActor:
             if not np.all(np.isfinite(vals)):
                 status[i], reason[i] = NONFINITE, "a score is NaN or inf"
         good = np.array([s == "ok" for s in status])
-        for arr in (*cols.values(), delta_nll, delta_ent):
+        for arr in (*cols.values(), delta_nll, delta_ent, alone):
             arr[~good] = np.nan  # only ok rows carry scores
         table = pa.table(
             {
@@ -257,6 +274,7 @@ class ScoreActor:
                 "delta_entropy": pa.array(delta_ent, from_pandas=True),
                 "status": status,
                 "reason": reason,
+                "base_nll_alone": pa.array(alone, from_pandas=True),
             },
             schema=SCHEMA,
         )
@@ -265,7 +283,8 @@ class ScoreActor:
     def _reuse_base(self, shard_id, p, cols, status, reason) -> None:
         path = rundir.shard_file(self.base_scores_dir, shard_id)
         with fsspec.open(path, "rb") as f:
-            prev = pq.read_table(f, columns=["sample_id", "source_row", "base_nll", "base_entropy", "status"]).to_pydict()
+            prev = pq.read_table(f, columns=["sample_id", "source_row", "base_nll", "base_entropy", "base_nll_alone",
+                                             "status"]).to_pydict()
         if prev["source_row"] != p["source_row"]:
             raise RuntimeError(f"{path}: rows differ from this shard's plan; the base scores belong to another input")
         for i in range(len(status)):
@@ -273,6 +292,7 @@ class ScoreActor:
                 status[i], reason[i] = prev["status"][i], "base pass (earlier round): " + prev["status"][i]
         cols["base_nll"][:] = np.array(prev["base_nll"], dtype=float)
         cols["base_entropy"][:] = np.array(prev["base_entropy"], dtype=float)
+        cols["base_nll_alone"][:] = np.array(prev["base_nll_alone"], dtype=float)
 
 
 def _node_id() -> str:

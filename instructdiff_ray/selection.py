@@ -37,7 +37,12 @@ STRATEGIES = {
     "entropy_min": "lowest base-model entropy first, no filter",
     "entropy_max": "highest base-model entropy first, no filter",
     "longest": "most response tokens first (the length baseline), no filter",
+    "ifd_loss": "highest IFD = NLL(response | prompt) / NLL(response alone) first, IFD >= 1 dropped (Cherry-LLM, "
+                "Data-Juicer); needs template.ifd",
+    "ifd_ppl": "highest IFD = PPL(response | prompt) / PPL(response alone) first, IFD >= 1 dropped (Superfiltering); "
+               "needs template.ifd",
 }
+IFD_STRATEGIES = ("ifd_loss", "ifd_ppl")
 SCORE_COLUMNS = ["sample_id", "source_file", "source_row", "n_response_tokens", "base_nll", "base_entropy",
                  "delta_nll", "delta_entropy", "status"]
 QUANTILES = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
@@ -164,6 +169,9 @@ def _order(cols: dict[str, np.ndarray], keep: np.ndarray, cfg: SelectionConfig) 
         return np.random.default_rng(cfg.seed).permutation(n)
     if s == "longest":
         return _argsort(cols["n_response_tokens"], "descending")
+    if s in IFD_STRATEGIES:
+        valid = np.flatnonzero(np.isfinite(cols["ifd"]) & (cols["ifd"] < 1))
+        return valid[_argsort(cols["ifd"][valid], "descending")]
     if s in ("ppl_min", "ppl_max", "entropy_min", "entropy_max"):
         col = "base_nll" if s.startswith("ppl") else "base_entropy"
         return _argsort(cols[col], "ascending" if s.endswith("min") else "descending")
@@ -185,6 +193,16 @@ def _floats(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False).astype(float, copy=False)[rows]
 
 
+def ifd(table: pa.Table, rows: np.ndarray, strategy: str) -> np.ndarray:
+    """IFD per row: the ratio of mean losses (ifd_loss) or of perplexities (ifd_ppl) of the
+    response with and without its prompt, under the base model; NaN where not scored."""
+    if "base_nll_alone" not in table.column_names or table.column("base_nll_alone").null_count == table.num_rows:
+        raise ValueError(f"strategy {strategy} needs the responses scored alone: score with template.ifd: true")
+    with_prompt, alone = _floats(table, "base_nll", rows), _floats(table, "base_nll_alone", rows)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return with_prompt / alone if strategy == "ifd_loss" else np.exp(with_prompt - alone)
+
+
 def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
     """Run one selection strategy over a table of score rows (the scoring output contract).
     Works on row indices and numpy columns; only the selected rows are copied out of `table`."""
@@ -196,6 +214,8 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
     n = len(rows)
     base_cols = ("base_nll", "base_entropy") if cfg.strategy in ("ppl_min", "ppl_max", "entropy_min", "entropy_max") else ()
     cols = {c: _floats(table, c, rows) for c in ("delta_nll", "delta_entropy", *base_cols)}
+    if cfg.strategy in IFD_STRATEGIES:
+        cols["ifd"] = ifd(table, rows, cfg.strategy)
     dnll, dh = cols["delta_nll"], cols["delta_entropy"]
     finite = np.isfinite(dnll) & np.isfinite(dh)
     filtered = cfg.strategy in ("instructdiff", "middle_dh", "highest_dh")

@@ -158,6 +158,23 @@ def tokenize_samples(samples: list[Sample], cfg: TemplateConfig, tokenizer) -> l
     return out  # type: ignore[return-value]
 
 
+def response_alone(samples: list[Sample], toks: list[Tokenized], cfg: TemplateConfig, tokenizer) -> list[tuple[list[int], list[bool]]]:
+    """Each ok row's response tokenized on its own, as the IFD papers score it (the tokenizer's
+    own special tokens, e.g. BOS, then the response; every token after the first is scored).
+    Chat rows: the assistant turns' contents joined by newlines. Rows not ok: empty."""
+    out: list[tuple[list[int], list[bool]]] = [([], [])] * len(samples)
+    idx = [i for i, t in enumerate(toks) if t.status == "ok"]
+    texts = [("\n".join(m["content"] for m in samples[i].messages if m["role"] == "assistant")
+              if samples[i].messages is not None else samples[i].response) for i in idx]
+    if not texts:
+        return out
+    enc = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    for i, ids in zip(idx, enc):
+        ids = ids[: cfg.max_length]
+        out[i] = (ids, [False] + [True] * (len(ids) - 1)) if len(ids) > 1 else ([], [])
+    return out
+
+
 def _mark(ids, offsets, special, spans, cfg: TemplateConfig) -> Tokenized:
     mask = []
     for j, ((start, end), sp) in enumerate(zip(offsets, special)):
