@@ -96,7 +96,9 @@ def run(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> RunRe
     """`instructdiff run`: a RunConfig, a config dict or a YAML path; `overrides` are dotted keys
     given with `__` for dots (`run(cfg, selection__budget=0.2)`)."""
     from .pipeline import check_config, run_job
+    from .runtime import preload_torch
 
+    preload_torch()  # before the data and object-store stacks load their libraries (runtime.py)
     config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
     check_config(config)
     res = run_job(config)
@@ -115,7 +117,9 @@ def run(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> RunRe
 def score(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> ScoreResult:
     """`instructdiff score`: score `cfg.out` under `model.base` and `model.warmup` (given, not trained)."""
     from .pipeline import check_config, score_job
+    from .runtime import preload_torch
 
+    preload_torch()  # before the data and object-store stacks load their libraries (runtime.py)
     config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
     check_config(config)
     s = score_job(config)

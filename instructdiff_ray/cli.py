@@ -295,10 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MODEL_COMMANDS = ("run", "score", "warmup", "demo")  # they load models (torch) in this process
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command in MODEL_COMMANDS:
+        from .runtime import preload_torch
+
+        preload_torch()
     from .rundir import FingerprintMismatch, LeaseHeld
 
     try:

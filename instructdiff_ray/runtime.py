@@ -169,3 +169,11 @@ def remote_call(fn, *args, num_cpus: float = 1) -> Any:
     if not ray.is_initialized():
         return fn(*args)
     return ray.get(ray.remote(num_cpus=num_cpus, max_retries=1)(fn).remote(*args))
+
+
+def preload_torch() -> None:
+    """Load torch before the object-store and data stacks load their native libraries. Seen in a
+    `ray job submit` driver: torch imported after s3fs/aiobotocore had read the corpus failed with
+    "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" and a segfault; imported first, it loads.
+    Commands that never load a model (select, status, report) skip it and its ~280 MB."""
+    import torch  # noqa: F401

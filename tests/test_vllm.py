@@ -190,7 +190,10 @@ def test_pipeline_with_vllm_engine_equals_hf_engine(ray_local, tmp_path, tiny_mo
         table = pq.read_table(cfg.out, schema=SCHEMA).sort_by([("source_row", "ascending")]).to_pydict()
         runs[name] = (summary, table)
     (sv, v), (_, h) = runs["vllm"], runs["hf"]
-    assert len({m["actor"] for m in sv.markers}) == 2
+    # Two vLLM actors run; which scores what is timing: the first engine up may take all 24 small
+    # shards before the second finishes starting. Both scoring is asserted where it is deterministic
+    # (test_pipeline's hf actors, the multi-node tests).
+    assert 1 <= len({m["actor"] for m in sv.markers}) <= 2
     assert v["sample_id"] == h["sample_id"] and v["n_response_tokens"] == h["n_response_tokens"]
     for col in ("base_nll", "base_entropy", "warmup_nll", "warmup_entropy", "delta_entropy"):
         np.testing.assert_allclose(v[col], h[col], atol=1e-4, rtol=0, err_msg=col)
