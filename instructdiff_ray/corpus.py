@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import fsspec
+import numpy as np
 
 from . import rundir, sources
 from .config import ConfigError, DataConfig
@@ -80,10 +81,6 @@ class Shard:
 class Plan:
     shards: list[Shard]
     files: list[dict[str, Any]]  # file fingerprints, by content
-
-    @property
-    def rows(self) -> int:
-        return sum(s.n_rows for s in self.shards)
 
 
 @dataclass
@@ -234,6 +231,15 @@ def _arrow_batches(f) -> Iterator[Any]:
     yield from reader
 
 
+def _file_batches(f, fmt: str) -> Iterator[Any]:
+    """Record batches of a whole Parquet or Arrow file, decoded a batch at a time."""
+    if fmt == "arrow":
+        return _arrow_batches(f)
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH)
+
+
 def count_table_rows(path: str, fmt: str) -> int:
     """Rows of a JSON array or CSV (parsed once); rows of an Arrow file (its batches' lengths, no
     values decoded); rows of a Parquet file from its footer."""
@@ -256,12 +262,13 @@ def _parquet_groups(path: str) -> list[int]:
         return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
 
 
-def plan_shards(cfg: DataConfig) -> list[Shard]:
-    """Deterministic shard plan over all input files; honours `limit` in file order."""
+def plan_shards(cfg: DataConfig, files: list[tuple[str, str]] | None = None) -> list[Shard]:
+    """Deterministic shard plan over all input files (`list_files`, unless given); honours
+    `limit` in file order."""
     from .runtime import map_tasks
 
     jobs: list[tuple[str, tuple]] = []  # (format, scan arguments), in file order
-    for path, fmt in list_files(cfg):
+    for path, fmt in files if files is not None else list_files(cfg):
         if fmt == "jsonl" and not _compressed(path):
             size = _size(path)
             jobs += [(fmt, (path, b, min(b + RANGE_BYTES, size), cfg.shard_rows)) for b in range(0, size, RANGE_BYTES)]
@@ -321,14 +328,15 @@ def _rows_of(fmt: str, res: Any) -> int:
 def load_plan(cfg: DataConfig, plan_dir: str | None) -> Plan:
     """The run directory's plan when it was made for these files (by content) and settings;
     otherwise a new plan, stored there for every later round, `status` and resume."""
-    files = [file_fingerprint(p) for p, _ in list_files(cfg)]
+    listed = list_files(cfg)
+    files = [file_fingerprint(p) for p, _ in listed]
     key = {"data": cfg.model_dump(mode="json"), "files": files}
     if plan_dir:
         stored = rundir.read_plan(plan_dir)
         if stored is not None and stored.get("key") == key:
             return Plan([Shard.from_dict(d) for d in stored["shards"]], files)
     try:
-        plan = Plan(plan_shards(cfg), files)
+        plan = Plan(plan_shards(cfg, listed), files)
     except ConfigError:
         raise
     except Exception as err:  # unreadable file, permission, a damaged Parquet footer
@@ -360,6 +368,24 @@ def _load_table_rows(path: str, fmt: str) -> list[Any]:
 
 
 Raw = tuple[int, Any, "str | None", "str | None"]  # (source_row, record, error status, raw text)
+
+
+def rows_by_shard(shards: list[Shard], files: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
+    """shard id -> positions i (into `files`/`rows`, sorted by row) of the rows (files[i], rows[i])
+    that the shard holds; vectorised per file."""
+    by_file: dict[str, list[Shard]] = {}
+    for s in shards:
+        by_file.setdefault(s.path, []).append(s)
+    out: dict[int, np.ndarray] = {}
+    for path in np.unique(files):
+        idx = np.flatnonzero(files == path)
+        idx = idx[np.argsort(rows[idx], kind="stable")]
+        sorted_rows = rows[idx]
+        for s in by_file.get(str(path), []):
+            lo, hi = np.searchsorted(sorted_rows, [s.row_start, s.row_stop])
+            if hi > lo:
+                out[s.shard_id] = idx[lo:hi]
+    return out
 
 
 def read_units(shards: list[Shard]) -> list[list[Shard]]:
@@ -593,12 +619,10 @@ def read_rows(path: str, fmt: str, wanted: set[int]) -> Iterator[tuple[int, Any]
                 if lineno in wanted:
                     yield lineno, json.loads(line.decode("utf-8-sig"))
         return
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
+    if fmt in ("parquet", "arrow"):
         with _open(path) as f:
             row = 0
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH):
+            for batch in _file_batches(f, fmt):
                 for i in [i for i in sorted(wanted) if row <= i < row + batch.num_rows]:
                     yield i, batch.slice(i - row, 1).to_pylist()[0]
                 row += batch.num_rows
@@ -609,4 +633,4 @@ def read_rows(path: str, fmt: str, wanted: set[int]) -> Iterator[tuple[int, Any]
 
 
 __all__ = ["Shard", "Sample", "Plan", "plan_shards", "load_plan", "read_units", "iter_unit", "normalize_rows",
-           "read_shard", "read_rows", "list_files", "normalize", "file_fingerprint"]
+           "read_shard", "read_rows", "rows_by_shard", "list_files", "normalize", "file_fingerprint"]

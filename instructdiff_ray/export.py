@@ -16,13 +16,12 @@ import json
 import logging
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import rundir
 from .config import ConfigError, DataConfig
-from .corpus import Shard, _fmt_of, iter_unit, plan_shards, read_units
+from .corpus import Shard, _fmt_of, iter_unit, plan_shards, read_units, rows_by_shard
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def export_selection(rows: pa.Table, plan: list[Shard] | None, sel_dir: str, fmt
     row = rows.column("source_row").to_numpy()
     rank = rows.column("rank").to_numpy()
     shards = plan or _plan_of(sorted(set(src.tolist())))
-    picks = _picks(shards, src, row, rank)
+    picks = {sid: list(zip(row[i].tolist(), rank[i].tolist())) for sid, i in rows_by_shard(shards, src, row).items()}
     units = read_units([s for s in shards if s.shard_id in picks])
     per_task = max(1, -(-len(units) // MAX_PARTS))
     parts_dir = rundir.join(sel_dir, rundir.EXPORT_PARTS)
@@ -91,23 +90,6 @@ def export_selection(rows: pa.Table, plan: list[Shard] | None, sel_dir: str, fmt
 def _plan_of(sources: list[str]) -> list[Shard]:
     """A plan for scores that came without one (a directory of score files from elsewhere)."""
     return plan_shards(DataConfig(paths=sources, shard_rows=100_000))
-
-
-def _picks(shards: list[Shard], src: np.ndarray, row: np.ndarray, rank: np.ndarray) -> dict[int, list[tuple[int, int]]]:
-    """shard id -> [(source_row, rank)] of the selected rows it holds (vectorised per file)."""
-    picks: dict[int, list[tuple[int, int]]] = {}
-    by_file: dict[str, list[Shard]] = {}
-    for s in shards:
-        by_file.setdefault(s.path, []).append(s)
-    for path in np.unique(src):
-        idx = np.flatnonzero(src == path)
-        order = idx[np.argsort(row[idx], kind="stable")]
-        rows_sorted = row[order]
-        for s in by_file.get(str(path), []):
-            lo, hi = np.searchsorted(rows_sorted, [s.row_start, s.row_stop])
-            if hi > lo:
-                picks[s.shard_id] = list(zip(rows_sorted[lo:hi].tolist(), rank[order[lo:hi]].tolist()))
-    return picks
 
 
 def _export_part(units: list[list[Shard]], picks: dict[int, list[tuple[int, int]]], url: str) -> dict[str, Any]:

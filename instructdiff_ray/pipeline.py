@@ -261,12 +261,22 @@ def check_model_fits_template(cfg: RunConfig) -> None:
                           "use template.kind=alpaca or raw, or a model that ships one")
 
 
-def _engine_plan(cfg: RunConfig, model_config: dict[str, Any], engines: int, pool_gpus: float | None = None):
-    from .memory import param_count, plan
+def _params(model_config: dict[str, Any] | None) -> int | None:
+    """The base model's parameter count, None when its config.json lacks the decoder fields
+    (GPT-2 names them n_embd, ...)."""
+    from .memory import param_count
+
+    try:
+        return param_count(model_config) if model_config else None
+    except KeyError:
+        return None
+
+
+def _engine_plan(cfg: RunConfig, params: int, engines: int):
+    from .memory import plan
 
     e = cfg.engine
-    gpus = pool_gpus if pool_gpus is not None else cfg.ray.gpus_per_actor
-    return plan(param_count(model_config), cfg.model.dtype, engines, e.gpu_memory_utilization, gpus,
+    return plan(params, cfg.model.dtype, engines, e.gpu_memory_utilization, cfg.ray.gpus_per_actor,
                 e.tensor_parallel_size, e.gpu_memory_gb)
 
 
@@ -290,34 +300,31 @@ def placement(cfg: RunConfig, model_config: dict[str, Any] | None = None) -> str
         return cfg.engine.placement
     if cfg.engine.name != "vllm" or not cfg.engine.gpu_memory_gb:
         return "together"
-    model_config = model_config or base_model_config(cfg)
-    if model_config is None or not {"hidden_size", "num_hidden_layers"} <= set(model_config.get("text_config", model_config)):
+    params = _params(model_config or base_model_config(cfg))
+    if params is None:
         return "together"
-    together, alone = _engine_plan(cfg, model_config, 2), _engine_plan(cfg, model_config, 1)
+    together, alone = _engine_plan(cfg, params, 2), _engine_plan(cfg, params, 1)
     return "pools" if together.fits is False and alone.fits else "together"
 
 
 def check_gpu_memory(cfg: RunConfig, model_config: dict[str, Any]) -> None:
     """vllm: refuse a plan whose weights cannot fit the GPUs before anything loads (memory.py)."""
-    from .memory import param_count, smallest_tensor_parallel
+    from .memory import smallest_tensor_parallel
 
     e = cfg.engine
     if not e.gpu_memory_gb:
         return
-    try:
-        param_count(model_config)
-    except KeyError as err:  # a config.json without the usual decoder fields (GPT-2 names them n_embd, ...)
-        log.warning("engine.gpu_memory_gb: cannot count the parameters of model.base (no %s in its config.json); "
-                    "the memory check is skipped", err)
+    params = _params(model_config)
+    if params is None:
+        log.warning("engine.gpu_memory_gb: cannot count the parameters of model.base (its config.json lacks the "
+                    "decoder size fields); the memory check is skipped")
         return
-    where = placement(cfg, model_config)
-    engines = 1 if where == "pools" else 2
-    p = _engine_plan(cfg, model_config, engines)
+    engines = 1 if placement(cfg, model_config) == "pools" else 2
+    p = _engine_plan(cfg, params, engines)
     if p.fits is False:
-        tp = smallest_tensor_parallel(param_count(model_config), cfg.model.dtype, engines, e.gpu_memory_utilization,
-                                      e.gpu_memory_gb)
+        tp = smallest_tensor_parallel(params, cfg.model.dtype, engines, e.gpu_memory_utilization, e.gpu_memory_gb)
         hint = (f"engine.tensor_parallel_size={tp} with ray.gpus_per_actor={tp}" if tp else "a GPU with more memory")
-        if engines == 2 and _engine_plan(cfg, model_config, 1).fits:
+        if engines == 2 and _engine_plan(cfg, params, 1).fits:
             hint = "engine.placement: pools (one model per actor)"
         held = "the base and warmup engines together" if engines == 2 else "one engine per actor (placement: pools)"
         raise ConfigError(f"model.base does not fit: {p.describe(e.gpu_memory_gb)}, over budget; round 1 holds "

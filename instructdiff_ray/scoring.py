@@ -89,15 +89,14 @@ def tokenize_unit(batch: dict[str, np.ndarray], cfg: RunConfig, tokenizer: str) 
     tok = _cached_tokenizer(tokenizer)
     for spec in batch["shards"]:
         shards = [Shard.from_dict(d) for d in json.loads(spec)]
-        t = time.perf_counter()
+        started = time.perf_counter()
         for shard, rows in iter_unit(shards):
-            table = tokenize_rows(shard, normalize_rows(shard, rows, cfg.data), cfg, tok)
-            yield table.set_column(table.schema.get_field_index("tokenize_seconds"), "tokenize_seconds",
-                                   pa.array([time.perf_counter() - t]))
-            t = time.perf_counter()
+            yield tokenize_rows(shard, normalize_rows(shard, rows, cfg.data), cfg, tok, started)
+            started = time.perf_counter()
 
 
-def tokenize_rows(shard: Shard, samples: list[Sample], cfg: RunConfig, tokenizer: Any) -> pa.Table:
+def tokenize_rows(shard: Shard, samples: list[Sample], cfg: RunConfig, tokenizer: Any, started: float) -> pa.Table:
+    """One shard's tokenized rows as a one-row Arrow table; `started` is when reading it began."""
     toks = tokenize_samples(samples, cfg.template, tokenizer)
     alone = response_alone(samples, toks, cfg.template, tokenizer) if cfg.template.ifd else [([], [])] * len(samples)
     quarantine = [{"source_file": s.source_file, "line": s.source_row + 1, "status": s.status, "raw": s.raw}
@@ -116,7 +115,7 @@ def tokenize_rows(shard: Shard, samples: list[Sample], cfg: RunConfig, tokenizer
         "alone_ids": [[a[0] for a in alone]],
         "alone_mask": [[a[1] for a in alone]],
         "quarantine": [json.dumps(quarantine, ensure_ascii=False)],
-        "tokenize_seconds": [0.0],
+        "tokenize_seconds": [time.perf_counter() - started],
     }
     return pa.table(columns, schema=TOKENIZED)
 

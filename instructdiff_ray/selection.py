@@ -43,6 +43,8 @@ STRATEGIES = {
                "needs template.ifd",
 }
 IFD_STRATEGIES = ("ifd_loss", "ifd_ppl")
+FILTERED_STRATEGIES = ("instructdiff", "middle_dh", "highest_dh")  # NLL filter first; need ΔNLL and ΔH
+BASE_SCORE_STRATEGIES = ("ppl_min", "ppl_max", "entropy_min", "entropy_max")  # rank by a base-model score
 SCORE_COLUMNS = ["sample_id", "source_file", "source_row", "n_response_tokens", "base_nll", "base_entropy",
                  "delta_nll", "delta_entropy", "status"]
 QUANTILES = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
@@ -172,7 +174,7 @@ def _order(cols: dict[str, np.ndarray], keep: np.ndarray, cfg: SelectionConfig) 
     if s in IFD_STRATEGIES:
         valid = np.flatnonzero(np.isfinite(cols["ifd"]) & (cols["ifd"] < 1))
         return valid[_argsort(cols["ifd"][valid], "descending")]
-    if s in ("ppl_min", "ppl_max", "entropy_min", "entropy_max"):
+    if s in BASE_SCORE_STRATEGIES:
         col = "base_nll" if s.startswith("ppl") else "base_entropy"
         return _argsort(cols[col], "ascending" if s.endswith("min") else "descending")
     kept_idx = np.flatnonzero(keep)
@@ -212,13 +214,13 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
     ok = np.flatnonzero(pc.equal(status.cast(pa.string()), "ok").to_numpy(zero_copy_only=False))
     rows, duplicates = _by_id(table, ok)
     n = len(rows)
-    base_cols = ("base_nll", "base_entropy") if cfg.strategy in ("ppl_min", "ppl_max", "entropy_min", "entropy_max") else ()
+    base_cols = ("base_nll", "base_entropy") if cfg.strategy in BASE_SCORE_STRATEGIES else ()
     cols = {c: _floats(table, c, rows) for c in ("delta_nll", "delta_entropy", *base_cols)}
     if cfg.strategy in IFD_STRATEGIES:
         cols["ifd"] = ifd(table, rows, cfg.strategy)
     dnll, dh = cols["delta_nll"], cols["delta_entropy"]
     finite = np.isfinite(dnll) & np.isfinite(dh)
-    filtered = cfg.strategy in ("instructdiff", "middle_dh", "highest_dh")
+    filtered = cfg.strategy in FILTERED_STRATEGIES
     if filtered and not finite.all():
         raise ValueError(f"{int((~finite).sum())} ok rows lack warmup scores; strategy {cfg.strategy} needs ΔNLL and ΔH")
     tokens = table.column("n_response_tokens").to_numpy().astype(np.int64)[rows]

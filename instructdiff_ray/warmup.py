@@ -26,7 +26,7 @@ import torch
 
 from . import rundir
 from .config import DataConfig, RunConfig
-from .corpus import Sample, Shard, iter_unit, normalize_rows, read_units
+from .corpus import Sample, Shard, iter_unit, normalize_rows, read_units, rows_by_shard
 
 
 @dataclass
@@ -69,13 +69,10 @@ def collect_samples(cfg: RunConfig, shards: list[Shard], ordinals: set[int] | No
                 picks[shard.shard_id] = (wanted[lo:hi] - base).tolist()
             base += shard.n_rows
     else:
-        by_file = {path: np.array(sorted(r), dtype=np.int64) for path, r in (rows or {}).items()}
-        for shard in shards:
-            if shard.path in by_file:
-                arr = by_file[shard.path]
-                lo, hi = np.searchsorted(arr, [shard.row_start, shard.row_stop])
-                if hi > lo:
-                    picks[shard.shard_id] = arr[lo:hi].tolist()
+        pairs = [(path, r) for path, rs in (rows or {}).items() for r in rs]
+        files = np.array([f for f, _ in pairs], dtype=object)
+        wanted_rows = np.array([r for _, r in pairs], dtype=np.int64)
+        picks = {sid: wanted_rows[i].tolist() for sid, i in rows_by_shard(shards, files, wanted_rows).items()}
     units = read_units([s for s in shards if s.shard_id in picks])
     jobs = [(cfg.data, u, {s.shard_id: picks[s.shard_id] for s in u}, ordinals is not None) for u in units]
     return [s for part in map_tasks(_collect_unit, jobs) for s in part]

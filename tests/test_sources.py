@@ -89,3 +89,12 @@ def test_hub_and_save_to_disk_corpora_score_with_the_commit_in_the_manifest(tmp_
     assert len(hub) == 1 and hub[0]["commit"] == COMMIT and hub[0]["hub"] == "acme/gsm-mini"
     scores = pq.read_table(cfg.out, columns=["source_file", "source_row"]).to_pydict()
     assert sum(f.startswith("hf://datasets/acme/gsm-mini@") for f in scores["source_file"]) == 30
+
+
+def test_a_records_own_fields_are_read_back_from_arrow_files(tmp_path):
+    """`inspect` reads examples by row from the corpus: Arrow files of save_to_disk included."""
+    from instructdiff_ray.corpus import read_rows
+
+    datasets.Dataset.from_list(_rows(25)).save_to_disk(str(tmp_path / "one"))
+    (path, fmt), = list_files(DataConfig(paths=[str(tmp_path / "one")]))
+    assert dict(read_rows(path, fmt, {3, 17})) == {3: _rows(25)[3], 17: _rows(25)[17]}

@@ -38,6 +38,15 @@ def _host(ray, base, warmup, **settings):
     return host
 
 
+def _vllm_once(ray, base, warmup, ids, masks, which, **settings):
+    """Scores from a vLLM engine started for this one call (its actor is removed afterwards)."""
+    host = _host(ray, base, warmup, **settings)
+    try:
+        return _vllm(host, ids, masks, which)
+    finally:
+        ray.kill(host)
+
+
 def _vllm(host, ids, masks, which):
     import ray
 
@@ -122,11 +131,7 @@ def test_vllm_scores_multi_span_masks_and_reports_bad_rows(tiny_host, tiny_model
 
 def test_full_warmup_model_as_second_engine(ray_local, tiny_model, tiny_full_warmup, gsm8k):
     ids, masks = _tokenized(tiny_model, gsm8k, 8)
-    host = _host(ray_local, tiny_model, tiny_full_warmup, passes=("warmup",))
-    try:
-        got = _vllm(host, ids, masks, "warmup")
-    finally:
-        ray_local.kill(host)
+    got = _vllm_once(ray_local, tiny_model, tiny_full_warmup, ids, masks, "warmup", passes=("warmup",))
     hf = HFEngine(str(tiny_model), str(tiny_full_warmup), EngineSettings())
     np.testing.assert_allclose(got, _hf(hf, ids, masks, "warmup"), atol=1e-4, rtol=0)
 
@@ -208,11 +213,7 @@ def test_each_architecture_equals_the_hf_engine(ray_local, tmp_path, gsm8k, arch
 
     model = tiny.build_tiny_arch(tmp_path / arch, arch)
     ids, masks = _tokenized(model, gsm8k, 8)
-    host = _host(ray_local, model, None, passes=("base",))
-    try:
-        got = _vllm(host, ids, masks, "base")
-    finally:
-        ray_local.kill(host)
+    got = _vllm_once(ray_local, model, None, ids, masks, "base", passes=("base",))
     hf = HFEngine(str(model), None, EngineSettings())
     np.testing.assert_allclose(got, _hf(hf, ids, masks, "base"), atol=1e-4, rtol=0)
 
