@@ -33,11 +33,13 @@ def _hide_unloadable_torch_extensions() -> None:
 _hide_unloadable_torch_extensions()
 
 from .api import (  # noqa: E402 - after the torch-extension guard above
+    CompareResult,
     RoundResult,
     RunConfig,
     RunResult,
     ScoreResult,
     SelectionResult,
+    compare,
     load_config,
     load_scores,
     run,
@@ -45,5 +47,5 @@ from .api import (  # noqa: E402 - after the torch-extension guard above
     select,
 )
 
-__all__ = ["RunConfig", "RunResult", "RoundResult", "ScoreResult", "SelectionResult", "load_config", "load_scores",
-           "run", "score", "select", "__version__"]
+__all__ = ["RunConfig", "RunResult", "RoundResult", "ScoreResult", "SelectionResult", "CompareResult", "compare",
+           "load_config", "load_scores", "run", "score", "select", "__version__"]

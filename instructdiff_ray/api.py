@@ -7,6 +7,7 @@
     result.selected_data, result.stats["selected_rows"], result.report
     table = load_scores(result.rounds[0].scores_dir)          # a pyarrow Table
     pick = select(table, budget=0.2, out="runs/x-20pct")      # reselect without rescoring
+    cmp = compare("runs/x", eval=["heldout.jsonl"], seeds=[0, 1])  # fine-tune on each pick, held-out NLL
 
 Every function runs the CLI's configuration checks first (before any model loads) and attaches
 to the Ray session the caller already started, if any (`ray.init(...)` beforehand), else
@@ -25,8 +26,8 @@ import pyarrow as pa
 from . import rundir
 from .config import RunConfig, SelectionConfig, build_config, load_config
 
-__all__ = ["RunConfig", "RunResult", "RoundResult", "ScoreResult", "SelectionResult", "load_config",
-           "run", "score", "select", "load_scores"]
+__all__ = ["RunConfig", "RunResult", "RoundResult", "ScoreResult", "SelectionResult", "CompareResult", "load_config",
+           "run", "score", "select", "load_scores", "compare"]
 
 
 @dataclass(frozen=True)
@@ -158,3 +159,30 @@ def select(scores: str | pa.Table, out: str | None = None, **settings: Any) -> S
     sel = _select(scores, scfg)
     paths = write_selection(sel, out, scfg.output_format, scfg.export, plan) if out else {}
     return SelectionResult(rows=sel.rows, stats=sel.stats, paths=paths)
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    rows: list[dict[str, Any]]  # one per strategy (and the base model): rows, tokens, nll_mean, nll_std, metric_mean, ...
+    markdown: str  # the table as in summary.md
+    computed: list[str]  # units trained and evaluated by this call
+    reused: list[str]  # units finished before (their markers)
+    path: str  # compare/comparison.json
+    metric: str | None = None
+
+
+def compare(run_dir: str, eval: str | list[str] | None = None, **settings: Any) -> CompareResult:
+    """`instructdiff compare`: fine-tune the base on each strategy's pick of a finished run and
+    measure each on held-out rows; `settings` are CompareConfig fields (eval_skip, eval_limit,
+    strategies, seeds, train, eval_command, metric). Resumable: finished units are reused."""
+    from .compare import compare_run, comparison_markdown, config_for
+    from .runtime import preload_torch
+
+    preload_torch()
+    evals = [eval] if isinstance(eval, str) else eval
+    cfg = config_for(run_dir, {"eval": evals, **settings})
+    with rundir.Lease(cfg.out, cfg.run.lease_ttl_s):
+        table = compare_run(cfg)
+    return CompareResult(rows=table["strategies"], markdown=comparison_markdown(table), computed=table["computed"],
+                         reused=table["reused"], path=rundir.join(rundir.compare_dir(cfg.out), "comparison.json"),
+                         metric=table["metric"])

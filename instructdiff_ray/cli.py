@@ -205,6 +205,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def compare_config(args: argparse.Namespace) -> RunConfig:
+    """The run's own config with its compare section updated from the flags."""
+    from .compare import config_for
+
+    flags = {"eval": args.eval, "eval_skip": args.eval_skip, "eval_limit": args.eval_limit,
+             "strategies": args.strategies.split(",") if args.strategies else None,
+             "seeds": [int(x) for x in args.seeds.split(",")] if args.seeds else None,
+             "eval_command": args.eval_command, "metric": args.metric}
+    overrides = [("progress", args.progress)] if args.progress else []
+    return config_for(args.run_dir, flags, overrides + parse_overrides(args.set or []))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_run, comparison_markdown
+    from .rundir import Lease
+
+    cfg = compare_config(args)
+    with Lease(cfg.out, cfg.run.lease_ttl_s):
+        table = compare_run(cfg)
+    print(comparison_markdown(table))
+    print(f"computed {len(table['computed'])} units, reused {len(table['reused'])}; "
+          f"table: {cfg.out.rstrip('/')}/compare/comparison.md; report: {cfg.out.rstrip('/')}/report/index.html")
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_run_report
 
@@ -239,6 +264,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str]] = {
                "example:\n  instructdiff select --scores runs/x/round-1/scores --out runs/sel20 --budget 0.2 --strategy instructdiff"),
     "demo": (cmd_demo, "run the whole job on SmolLM2-135M and HumanEval (installed from PyPI), on CPU",
              "example:\n  instructdiff demo --out runs/demo"),
+    "compare": (cmd_compare, "fine-tune on each strategy's pick (and on all rows) and compare them on held-out data",
+                "examples:\n  instructdiff compare runs/math --eval heldout.jsonl\n"
+                "  instructdiff compare runs/math --eval train.jsonl --eval-skip 5000 --eval-limit 500 --seeds 0,1,2 \\\n"
+                "      --eval-command 'python my_eval.py {model_dir} {heldout}' --metric accuracy"),
     "report": (cmd_report, "(re)write plots, index.html and summary.md for a run directory",
                "example:\n  instructdiff report runs/demo"),
     "status": (cmd_status, "stage, shards done/pending, rows per status, throughput and ETA of a run",
@@ -281,6 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--export", choices=["auto", "always", "never"], default="auto",
                            help="write the selected records: auto when the corpus is reachable from here (else a "
                                 "warning), always (fail without it), never (ids, selection.parquet, stats only)")
+        elif name == "compare":
+            p.add_argument("run_dir", help="a finished run directory (its config and last round's scores are used)")
+            p.add_argument("--eval", nargs="+", help="held-out files or directories (read with the corpus' field mapping)")
+            p.add_argument("--eval-skip", type=int, help="skip the first N held-out rows")
+            p.add_argument("--eval-limit", type=int, help="use at most N held-out rows")
+            p.add_argument("--strategies", help="comma-separated (default: instructdiff,random,highest_dh,middle_dh,longest,full)")
+            p.add_argument("--seeds", help="comma-separated training seeds (default: 0,1)")
+            p.add_argument("--eval-command", help="per model: a shell command; {model_dir} and {heldout} are replaced; "
+                                                  "its last JSON-object line of stdout holds the metric")
+            p.add_argument("--metric", help="key of the command's JSON to compare (default: its only number)")
+            p.add_argument("--progress", choices=["auto", "on", "off"])
+            p.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. compare.train.epochs=2")
         elif name == "demo":
             p.add_argument("--out", default="runs/demo")
             p.add_argument("--limit", type=int, help="use only the first N tasks")
@@ -295,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MODEL_COMMANDS = ("run", "score", "warmup", "demo")  # they load models (torch) in this process
+MODEL_COMMANDS = ("run", "score", "warmup", "demo", "compare")  # they load models (torch) in this process
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -178,6 +178,42 @@ class TrackingConfig(_Strict):
     run_name: str | None = Field(None, description="default: the run directory's name")
 
 
+COMPARE_STRATEGIES = ["instructdiff", "random", "highest_dh", "middle_dh", "longest", "full"]
+
+
+class CompareConfig(_Strict):
+    """`instructdiff compare`: fine-tune the base on each strategy's pick at the run's budget and
+    measure each model on held-out data (compare.py)."""
+
+    eval: list[str] = Field(min_length=1, description="held-out files or directories (read like data.paths, same "
+                                                       "fields); must not share a sample with the pool")
+    eval_skip: int = Field(0, ge=0, description="held-out: skip the first N rows of the eval files")
+    eval_limit: int | None = Field(None, ge=1, description="held-out: use at most N rows (after eval_skip)")
+    strategies: list[str] = Field(default_factory=lambda: list(COMPARE_STRATEGIES), min_length=1,
+                                  description="selection strategies at selection.budget, plus 'full' (every scored row)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
+                             description="training seeds (and the pick of 'random'); one unit per strategy x seed")
+    train: WarmupConfig | None = Field(None, description="fine-tuning settings, identical for every unit "
+                                                          "(default: the run's warmup settings)")
+    eval_command: str | None = Field(None, description="run per model: {model_dir} and {heldout} are replaced (also "
+                                                       "$INSTRUCTDIFF_MODEL_DIR, $INSTRUCTDIFF_HELDOUT); its last stdout "
+                                                       "line that is a JSON object holds the metric")
+    metric: str | None = Field(None, description="key of eval_command's JSON object shown in the table "
+                                                 "(default: its only numeric key)")
+    higher_is_better: bool = Field(True, description="of the user metric")
+
+    @model_validator(mode="after")
+    def _names(self) -> "CompareConfig":
+        from .selection import STRATEGIES
+
+        bad = [s for s in self.strategies if s not in STRATEGIES and s != "full"]
+        if bad:
+            raise ValueError(f"unknown strategies {bad}; choose from {sorted([*STRATEGIES, 'full'])}")
+        if len(set(self.strategies)) != len(self.strategies) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("strategies and seeds must not repeat")
+        return self
+
+
 class RunConfig(_Strict):
     out: str = Field(description="run directory (local path or s3://...)")
     data: DataConfig
@@ -190,6 +226,8 @@ class RunConfig(_Strict):
     rounds: int = Field(1, ge=1, le=10)
     run: RunOptions = Field(default_factory=RunOptions)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    compare: CompareConfig | None = Field(None, description="after the rounds, compare strategies by fine-tuning "
+                                                            "(compare.py); also `instructdiff compare RUN_DIR`")
     progress: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")
@@ -198,6 +236,11 @@ class RunConfig(_Strict):
 
         if self.selection.strategy not in STRATEGIES:
             raise ValueError(f"selection.strategy {self.selection.strategy!r} not in {sorted(STRATEGIES)}")
+        from .selection import IFD_STRATEGIES
+
+        wants_ifd = [s for s in (self.compare.strategies if self.compare else []) if s in IFD_STRATEGIES]
+        if wants_ifd and not self.template.ifd:
+            raise ValueError(f"compare.strategies {wants_ifd} need the extra pass: set template.ifd: true")
         return self
 
     def resolved_device(self) -> str:
@@ -291,6 +334,9 @@ def check_inputs(cfg: RunConfig) -> None:
     for p in cfg.data.paths:
         if "://" not in p and not Path(p).exists():
             raise ConfigError(f"data.paths: {p} does not exist")
+    for p in cfg.compare.eval if cfg.compare else []:
+        if "://" not in p and not Path(p).exists():
+            raise ConfigError(f"compare.eval: {p} does not exist")
     if cfg.engine.name == "vllm":
         check_vllm(cfg)
 

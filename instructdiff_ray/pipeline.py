@@ -415,7 +415,15 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
     result = {"run_dir": cfg.out, "rounds": rounds, "final_selection": rounds[-1]["paths"],
               "wall_seconds": time.monotonic() - t0}
     rundir.write_run_summary(cfg.out, result)
-    remote_call(write_run_report, cfg.out)
+    if cfg.compare:  # fine-tune on each strategy's pick; writes the report with its comparison
+        from .compare import compare_run
+
+        lease.check()
+        table = compare_run(cfg)
+        result["compare"] = {k: table[k] for k in ("strategies", "metric", "heldout_rows", "cpu_minutes")}
+        rundir.write_run_summary(cfg.out, result)
+    else:
+        remote_call(write_run_report, cfg.out)
     result["mlflow_run_id"] = log_run(cfg, result)
     if result["mlflow_run_id"]:
         rundir.write_run_summary(cfg.out, result)

@@ -163,6 +163,18 @@ def write_run_report(run_dir: str) -> dict[str, str]:
         ]
         md += lines
         sections.append(f"<h2>Round {k}</h2><pre>{html.escape(chr(10).join(lines[1:]))}</pre>" + "".join(imgs))
+    compare_url = rundir.join(rundir.compare_dir(run_dir), "comparison.json")
+    if rundir.exists(compare_url):  # instructdiff compare: fine-tuned on each strategy's pick
+        from .compare import comparison_markdown, comparison_plot
+
+        table = rundir.read_json(compare_url)
+        text = comparison_markdown(table)
+        png = comparison_plot(table)
+        rundir.write_bytes(rundir.join(run_dir, "report", "comparison.png"), png)
+        md += ["## Comparison: fine-tuned on each strategy's pick\n", text]
+        sections.append("<h2>Comparison: fine-tuned on each strategy's pick</h2>" + _html_table(text)
+                        + f'<figure><img alt="comparison" data-name="comparison.png" src="data:image/png;base64,'
+                          f'{base64.b64encode(png).decode()}"><figcaption>held-out NLL per strategy</figcaption></figure>')
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>InstructDiff run report</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}figure{margin:1em 0}</style>"
             f"</head><body><h1>InstructDiff run report</h1><p>{html.escape(run_dir)}</p>{''.join(sections)}</body></html>")
@@ -170,6 +182,24 @@ def write_run_report(run_dir: str) -> dict[str, str]:
     rundir.write_bytes(paths["html"], page.encode("utf-8"))
     rundir.write_bytes(paths["summary"], ("\n".join(md) + "\n").encode("utf-8"))
     return paths
+
+
+def _html_table(markdown: str) -> str:
+    """A markdown table (with a leading paragraph) as HTML."""
+    import html
+
+    out, rows = [], []
+    for line in markdown.strip().splitlines():
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                rows.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    if rows:
+        head = "".join(f"<th>{c}</th>" for c in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[1:])
+        out.append(f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>{head}</tr>{body}</table>")
+    return "".join(out)
 
 
 def _length_line(counts: dict[str, int], total: int) -> str:
@@ -241,6 +271,9 @@ def run_status(run_dir: str) -> str:
         if commit:
             st = rundir.read_json(commit["paths"]["stats"])
             out.append(f"  selection: {st['selected_rows']} rows, {st['selected_response_tokens']} response tokens ({st['strategy']})")
+    done = rundir.finished_units(run_dir)
+    if done:  # instructdiff compare
+        out.append(f"compare: {len(done)} units finished ({', '.join(done)})")
     out.append(f"(as of {time.strftime('%Y-%m-%d %H:%M:%S')})")
     return "\n".join(out)
 

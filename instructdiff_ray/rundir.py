@@ -53,6 +53,9 @@ DONE_DIR = "_done"
 QUARANTINE_DIR = "_quarantine"
 WARMUP_STAMP = "_WARMUP_DONE.json"
 SELECTION_COMMIT = "_SELECTION_DONE.json"
+COMPARE_DIR = "compare"
+COMPARE_MANIFEST = "_compare.json"
+UNIT_DONE = "_UNIT_DONE.json"
 EXPORT_PARTS = "_export"  # part files of an export in progress
 TMP_SUFFIX = ".tmp"
 
@@ -463,3 +466,48 @@ def committed_selection(sel_dir: str) -> dict[str, Any] | None:
     """The commit record of a finished selection, or None (files without a commit are not trusted)."""
     url = join(sel_dir, SELECTION_COMMIT)
     return read_json(url) if exists(url) else None
+
+
+# ---------------------------------------------------------------- compare units
+
+
+def compare_dir(run_dir: str) -> str:
+    return join(run_dir, COMPARE_DIR)
+
+
+def unit_dir(run_dir: str, unit: str) -> str:
+    """A compare unit's directory: `strategy/seed-S`, or `base` (the base model, not fine-tuned)."""
+    return join(compare_dir(run_dir), "units", unit)
+
+
+def check_or_write_compare_manifest(run_dir: str, fp: dict[str, Any]) -> None:
+    """A compare directory holds units of one set of training and evaluation settings; adding a
+    strategy or a seed is fine, anything else is refused (its units would not be comparable)."""
+    url = join(compare_dir(run_dir), COMPARE_MANIFEST)
+    if exists(url):
+        old = read_json(url)["fingerprint"]
+        if digest(old) != digest(fp):
+            raise FingerprintMismatch(
+                f"{compare_dir(run_dir)} holds a comparison made with other settings (differs in: "
+                f"{', '.join(differing_keys(old, fp))}); remove that directory to compare afresh")
+        return
+    write_json(url, {"fingerprint": fp, "created_at": time.time()})
+
+
+def unit_result(unit: str) -> dict[str, Any] | None:
+    """A finished compare unit's result (written last, after its model and evaluation), or None."""
+    url = join(unit, UNIT_DONE)
+    return read_json(url) if exists(url) else None
+
+
+def finished_units(run_dir: str) -> list[str]:
+    """Names of the compare units with a marker (`strategy/seed-S`, `base`)."""
+    root = join(compare_dir(run_dir), "units")
+    fs, path = fs_of(root)
+    if not fs.exists(path):
+        return []
+    return sorted(p[len(path.rstrip("/")) + 1 : -len(UNIT_DONE) - 1] for p in fs.glob(f"{path.rstrip('/')}/**/{UNIT_DONE}"))
+
+
+def write_unit_result(unit: str, result: dict[str, Any]) -> None:
+    write_json(join(unit, UNIT_DONE), result, indent=2)

@@ -136,6 +136,17 @@ BASE_PASS = [("base_nll", pa.list_(pa.float64())), ("base_entropy", pa.list_(pa.
              ("base_nll_alone", pa.list_(pa.float64())), ("base_stats", pa.string())]
 
 
+def engine_settings(cfg: RunConfig, passes: tuple[str, ...] = ("base", "warmup")):
+    """The engine's settings from the run config, defaults resolved for the device."""
+    from .engines import EngineSettings
+
+    limit_tokens, limit_rows = cfg.batch_limits()
+    return EngineSettings(dtype=cfg.model.dtype, device=cfg.resolved_device(), max_batch_tokens=limit_tokens,
+                          max_batch_size=limit_rows, padding_side=cfg.engine.padding_side,
+                          logits_chunk=cfg.engine.logits_chunk, threads=cfg.torch_threads(), passes=passes,
+                          **cfg.vllm_settings())
+
+
 class ScoreActor:
     """Holds its models for its lifetime and scores whole shards.
 
@@ -147,7 +158,7 @@ class ScoreActor:
     """
 
     def __init__(self, cfg: RunConfig, base: str, warmup: str | None, base_scores_dir: str | None, stage: str = "all"):
-        from .engines import EngineSettings, make_engine
+        from .engines import make_engine
         from .models import is_adapter, merged_warmup, resolve_model
 
         # Models are resolved here, on the node that runs them (once per node, into its cache).
@@ -161,17 +172,7 @@ class ScoreActor:
         self.base_scores_dir = base_scores_dir
         self.stage = stage
         passes = {"base": ("base",), "warmup": ("warmup",)}.get(stage, ("warmup",) if base_scores_dir else ("base", "warmup"))
-        settings = EngineSettings(
-            dtype=cfg.model.dtype,
-            device=cfg.resolved_device(),
-            max_batch_tokens=cfg.batch_limits()[0],
-            max_batch_size=cfg.batch_limits()[1],
-            padding_side=cfg.engine.padding_side,
-            logits_chunk=cfg.engine.logits_chunk,
-            threads=cfg.torch_threads(),
-            passes=passes,
-            **cfg.vllm_settings(),
-        )
+        settings = engine_settings(cfg, passes)
         self.passes = [q for q in passes if q == "base" or warmup_dir]
         self.engine = make_engine(cfg.engine.name, base_dir, warmup_dir if stage != "base" else None, settings)
 

@@ -68,6 +68,10 @@ def log_run(cfg: RunConfig, result: dict[str, Any]) -> str | None:
             mlflow.log_metrics(round_metrics(rnd), step=rnd["round"])
             mlflow.log_dict(rnd["selection"], f"round-{rnd['round']}/selection_stats.json")
         mlflow.log_metric("wall_seconds", float(result["wall_seconds"]))
+        for row in (result.get("compare") or {}).get("strategies", []):  # compare: held-out NLL per strategy
+            mlflow.log_metric(f"compare.{row['strategy']}.heldout_nll", row["nll_mean"])
+            if row.get("metric_mean") is not None:
+                mlflow.log_metric(f"compare.{row['strategy']}.{result['compare']['metric']}", row["metric_mean"])
         fs, report = rundir.fs_of(rundir.join(cfg.out, "report"))
         with tempfile.TemporaryDirectory() as tmp:
             fs.get(report, os.path.join(tmp, "report"), recursive=True)

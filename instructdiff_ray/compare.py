@@ -1,0 +1,420 @@
+"""Compare stage: is the selection worth it on this corpus?
+
+For each strategy (selection strategies at the run's budget, and `full`: every scored row) and
+each seed, fine-tune the base model on that strategy's rows with identical settings (the warmup
+trainer) and measure the model on held-out rows: mean response NLL, the scoring metric (per row,
+then averaged over rows), and optionally a user command's metric. The base model itself is
+measured once as the reference.
+
+Each strategy x seed is a unit with its own directory and completion marker (rundir.py): a rerun
+computes only the units without one, and a unit killed after training reuses its stamped model.
+Units run as Ray tasks, as many at once as the cluster has room for (one actor's resources each).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import rundir
+from .config import CompareConfig, ConfigError, RunConfig
+from .corpus import Sample, load_plan
+from .faults import armed, kill_point
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+BASE_UNIT = "base"
+FULL = "full"
+
+
+class EvalCommandFailed(RuntimeError):
+    """compare.eval_command failed or printed no JSON metric."""
+
+
+def unit_name(strategy: str, seed: int) -> str:
+    return f"{strategy}/seed-{seed}"
+
+
+def scores_of_run(run_dir: str) -> str:
+    """The finished run's last-round scores (its ΔH and ΔNLL are what the final selection used)."""
+    if not rundir.exists(rundir.join(run_dir, rundir.RUN_SUMMARY)):
+        raise ConfigError(f"{run_dir} holds no finished run (no {rundir.RUN_SUMMARY}); run the job to its end first")
+    last = rundir.read_run_summary(run_dir)["rounds"][-1]["round"]
+    return rundir.join(rundir.round_dir(run_dir, last), "scores")
+
+
+def config_for(run_dir: str, updates: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> RunConfig:
+    """The run directory's own config (its last invocation) with its compare section updated."""
+    from .config import build_config
+
+    url = rundir.join(run_dir, rundir.RUN_CONFIG)
+    if not rundir.exists(url):
+        raise ConfigError(f"{run_dir} has no {rundir.RUN_CONFIG}: not a run directory made by `instructdiff run`")
+    tree = rundir.read_json(url)["invocations"][-1]["config"] | {"out": run_dir}
+    section = dict(tree.get("compare") or {}) | {k: v for k, v in updates.items() if v is not None}
+    if "eval" not in section:
+        raise ConfigError("compare needs held-out data: --eval HELD_OUT (or a compare: section in the run's config)")
+    return build_config(tree | {"compare": section}, overrides)
+
+
+def load_heldout(cfg: RunConfig) -> list[Sample]:
+    """The held-out rows: compare.eval read with the corpus' field mapping, rows
+    [eval_skip, eval_skip + eval_limit); rows that do not normalise are left out."""
+    from .warmup import collect_samples
+
+    c = cfg.compare
+    data = cfg.data.model_copy(update={"paths": c.eval, "limit": None})
+    shards = load_plan(data, None).shards
+    n = sum(s.n_rows for s in shards)
+    if c.eval_skip >= n:
+        raise ConfigError(f"compare.eval_skip={c.eval_skip} skips all {n} rows of compare.eval")
+    stop = n if c.eval_limit is None else min(n, c.eval_skip + c.eval_limit)
+    samples = collect_samples(cfg.model_copy(update={"data": data}), shards, ordinals=set(range(c.eval_skip, stop)))
+    if not samples:
+        raise ConfigError(f"compare.eval: none of rows {c.eval_skip}..{stop - 1} is usable")
+    return samples
+
+
+def heldout_digest(samples: list[Sample]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.sample_id, s.instruction, s.input, s.response, s.messages], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def training_settings(cfg: RunConfig):
+    train = cfg.compare.train or cfg.warmup
+    if train.num_workers > 1:
+        raise ConfigError("compare.train.num_workers must be 1: each unit trains on one worker, and units run in "
+                          "parallel instead")
+    return train
+
+
+def fingerprint(cfg: RunConfig, scores_dir: str, heldout: list[Sample]) -> dict[str, Any]:
+    """What makes two units comparable: the same base, scores, budget, training and held-out
+    settings (strategies and seeds may be added to a comparison; these may not change)."""
+    from .models import identity, pin
+
+    c = cfg.compare
+    manifest = rundir.read_manifest(scores_dir)
+    return {
+        "base_model": identity(pin(cfg.model.base)),
+        "scores": manifest["fingerprint_hash"],
+        "budget": cfg.selection.model_dump(include={"budget", "budget_unit", "gamma"}),
+        "train": training_settings(cfg).model_dump(mode="json", exclude={"seed"}),
+        "template": cfg.template.model_dump(mode="json"),
+        "dtype": cfg.model.dtype,
+        "heldout": {"rows": len(heldout), "sha256": heldout_digest(heldout)},
+        "eval_command": c.eval_command,
+        "metric": c.metric,
+    }
+
+
+def in_pool(scores_dir: str, ids: list[str]) -> list[str]:
+    """The ids that are also rows of the pool (run as a task: it reads every score row's id)."""
+    from .selection import load_scores
+
+    pool = set(load_scores(scores_dir, ["sample_id"]).column("sample_id").to_pylist())
+    return [i for i in ids if i in pool]
+
+
+def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) -> dict[str, dict[str, Any]]:
+    """{unit: its training rows}, each strategy's pick written as a committed selection under
+    compare/selections/ (run as a task: it reads every score row)."""
+    from .config import SelectionConfig
+    from .selection import load_scores, select, selected_rows, write_selection
+
+    table = load_scores(scores_dir)
+    out: dict[str, dict[str, Any]] = {}
+    for strategy, seed in units:
+        # full: every ok row once (a selection of all samples); random: its pick depends on the seed
+        settings = (dict(strategy="longest", budget=1.0, budget_unit="samples") if strategy == FULL else
+                    cfg.selection.model_dump(include={"budget", "budget_unit", "gamma"}) | {"strategy": strategy, "seed": seed})
+        name = f"{strategy}-seed-{seed}" if strategy == "random" else strategy
+        sel_dir = rundir.join(rundir.compare_dir(cfg.out), "selections", name)
+        commit = rundir.committed_selection(sel_dir)
+        if commit is None:
+            sel = select(table, SelectionConfig(**settings))
+            paths, stats = write_selection(sel, sel_dir, export="never"), sel.stats
+        else:
+            paths, stats = commit["paths"], rundir.read_json(commit["paths"]["stats"])
+        rows = selected_rows(paths["scores"])
+        out[unit_name(strategy, seed)] = {"strategy": strategy, "seed": seed, "selection": sel_dir,
+                                          "rows": {f: sorted(r) for f, r in rows.items()},
+                                          "n_rows": stats["selected_rows"], "tokens": stats["selected_response_tokens"]}
+    return out
+
+
+def heldout_nll(cfg: RunConfig, model_dir: str, heldout: list[Sample]) -> dict[str, Any]:
+    """Mean response NLL of the held-out rows under one model, computed as scoring computes it."""
+    from .engines import make_engine
+    from .models import load_tokenizer
+    from .scoring import engine_settings
+    from .template import tokenize_samples
+
+    toks = [t for t in tokenize_samples(heldout, cfg.template, load_tokenizer(model_dir)) if t.status == "ok"]
+    if not toks:
+        raise ConfigError("no held-out row survives templating (all empty or over template.max_length)")
+    engine = make_engine("hf", model_dir, None, engine_settings(cfg, ("base",)))
+    res = engine.score([t.input_ids for t in toks], [t.response_mask for t in toks], "base")
+    ok = np.isfinite(res.nll)
+    tokens = np.array([t.n_response_tokens for t in toks], dtype=np.float64)
+    return {"rows": int(ok.sum()), "rows_failed": int((~ok).sum()), "nll": float(res.nll[ok].mean()),
+            "nll_per_token": float((res.nll * tokens)[ok].sum() / tokens[ok].sum()),
+            "entropy": float(res.entropy[ok].mean()), "tokens": int(tokens[ok].sum()), "seconds": res.seconds,
+            "per_row_nll": [float(x) if np.isfinite(x) else None for x in res.nll]}
+
+
+def user_metrics(command: str, model_dir: str, heldout: list[Sample]) -> dict[str, float]:
+    """Run the user's evaluation on one model; the numbers of the last JSON-object line it prints."""
+    with tempfile.TemporaryDirectory(prefix="instructdiff-eval-") as tmp:
+        path = Path(tmp) / "heldout.jsonl"
+        with path.open("w") as f:
+            for s in heldout:
+                f.write(json.dumps({"sample_id": s.sample_id, "instruction": s.instruction, "input": s.input,
+                                    "response": s.response, "messages": s.messages}, ensure_ascii=False) + "\n")
+        cmd = command.replace("{model_dir}", shlex.quote(model_dir)).replace("{heldout}", shlex.quote(str(path)))
+        env = os.environ | {"INSTRUCTDIFF_MODEL_DIR": model_dir, "INSTRUCTDIFF_HELDOUT": str(path)}
+        proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise EvalCommandFailed(f"compare.eval_command exited {proc.returncode} on {model_dir}: "
+                                f"{(proc.stderr or proc.stdout).strip()[-800:]}")
+    for line in reversed(proc.stdout.splitlines()):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            return {k: float(v) for k, v in obj.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    raise EvalCommandFailed(f"compare.eval_command printed no JSON object line on {model_dir}; "
+                            f"its output ended: {proc.stdout.strip()[-300:]!r}")
+
+
+def pick_metric(c: CompareConfig, metrics: dict[str, float]) -> tuple[str, float]:
+    if c.metric:
+        if c.metric not in metrics:
+            raise EvalCommandFailed(f"compare.metric {c.metric!r} is not in the command's output {sorted(metrics)}")
+        return c.metric, metrics[c.metric]
+    if len(metrics) != 1:
+        raise EvalCommandFailed(f"compare.eval_command printed {len(metrics)} numbers {sorted(metrics)}; "
+                                "name the one to compare with compare.metric")
+    return next(iter(metrics.items()))
+
+
+def run_unit(cfg: RunConfig, unit: str, udir: str, samples: list[Sample] | None, heldout: list[Sample],
+             info: dict[str, Any]) -> dict[str, Any]:
+    """Train (unless `samples` is None: the base model), evaluate, then write the unit's marker."""
+    from .models import pin, resolve_model
+    from .warmup import train_warmup
+
+    t0 = time.monotonic()
+    train = None
+    if samples is None:
+        model_dir = resolve_model(pin(cfg.model.base))
+    else:
+        result = train_warmup(cfg, samples, rundir.join(udir, "model"), in_process=True)
+        train = asdict(result)
+        model_dir = resolve_model(result.merged_dir)
+    t1 = time.monotonic()
+    evaluation = heldout_nll(cfg, model_dir, heldout)
+    metric = None
+    if cfg.compare.eval_command:
+        metrics = user_metrics(cfg.compare.eval_command, model_dir, heldout)
+        name, value = pick_metric(cfg.compare, metrics)
+        metric = {"name": name, "value": value, "all": metrics}
+    t2 = time.monotonic()
+    out = {"unit": unit, **info, "train": train, "heldout": evaluation, "user_metric": metric,
+           "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "cpus": cfg.ray.cpus_per_actor, "finished_at": time.time()}
+    if armed("compare.before_unit_marker") == unit:
+        kill_point("compare.before_unit_marker")
+    rundir.write_unit_result(udir, out)
+    return out
+
+
+def compare_run(cfg: RunConfig) -> dict[str, Any]:
+    """Every missing unit, then comparison.json / comparison.md and the report. The caller holds
+    the run directory's lease."""
+    import ray
+
+    from .runtime import gpus_per_actor, init_ray, remote_call
+    from .warmup import collect_samples
+
+    c = cfg.compare
+    if c is None:
+        raise ConfigError("nothing to compare against: give --eval HELD_OUT (or a compare: section with eval)")
+    train = training_settings(cfg)
+    init_ray(cfg)
+    scores_dir = scores_of_run(cfg.out)
+    heldout = load_heldout(cfg)
+    overlap = remote_call(in_pool, scores_dir, [s.sample_id for s in heldout])
+    if overlap:
+        raise ConfigError(f"{len(overlap)} of {len(heldout)} held-out rows are also in the pool (first: {overlap[0]}); "
+                          "a held-out set must not share a sample with what the models train on (see compare.eval_skip)")
+    rundir.check_or_write_compare_manifest(cfg.out, fingerprint(cfg, scores_dir, heldout))
+    plans = remote_call(plan_units, cfg, scores_dir, [(s, seed) for s in c.strategies for seed in c.seeds])
+    names = [BASE_UNIT, *plans]
+    done = {n: rundir.unit_result(rundir.unit_dir(cfg.out, n)) for n in names}
+    pending = [n for n in names if done[n] is None]
+    progress = Progress("compare", len(names), cfg.progress)
+    progress.update(len(names) - len(pending))
+    progress.note(f"{len(names)} units ({len(c.strategies)} strategies x {len(c.seeds)} seeds + the base model), "
+                  f"{len(names) - len(pending)} already done; held-out: {len(heldout)} rows")
+    shards = load_plan(cfg.data, cfg.out).shards
+    threads = cfg.engine.threads or max(1, int(cfg.ray.cpus_per_actor))
+    task = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpus_per_actor(cfg), max_retries=1)(run_unit)
+    heldout_ref = ray.put(heldout)
+    running: dict[Any, str] = {}
+    for name in pending:
+        info = {k: v for k, v in plans.get(name, {"strategy": BASE_UNIT, "seed": None}).items() if k != "rows"}
+        samples = None
+        if name != BASE_UNIT:
+            samples = collect_samples(cfg, shards, rows={f: set(r) for f, r in plans[name]["rows"].items()})
+        ucfg = cfg.model_copy(update={"warmup": train.model_copy(update={"seed": info["seed"] or 0}),
+                                      "engine": cfg.engine.model_copy(update={"threads": threads})})
+        running[task.remote(ucfg, name, rundir.unit_dir(cfg.out, name), samples, heldout_ref, info)] = name
+    failed: dict[str, str] = {}
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        name = running.pop(ready[0])
+        try:
+            done[name] = ray.get(ready[0])
+        except Exception as err:  # noqa: BLE001 - one unit's failure must not lose the others
+            failed[name] = f"{type(err).__name__}: {str(err).splitlines()[-1][:500] if str(err) else ''}"
+            progress.note(f"{name} failed: {failed[name]}")
+            continue
+        h = done[name]["heldout"]
+        progress.update(1, extra=f"{name}: held-out NLL {h['nll']:.4f} "
+                                 f"(train {done[name]['train_seconds']:.0f}s, eval {done[name]['eval_seconds']:.0f}s)")
+    if failed:
+        raise RuntimeError(f"{len(failed)} compare units failed ({'; '.join(f'{k}: {v}' for k, v in failed.items())}); "
+                           f"the {len(names) - len(failed)} finished units are kept; rerun to compute the rest")
+    table = summarize(cfg, [done[n] for n in names], len(heldout))
+    table["computed"], table["reused"] = pending, [n for n in names if n not in pending]
+    write_comparison(cfg.out, table)
+    if rundir.exists(rundir.join(cfg.out, rundir.RUN_SUMMARY)):
+        from .report import write_run_report
+
+        remote_call(write_run_report, cfg.out)
+    return table
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int) -> dict[str, Any]:
+    """One row per strategy (means and sample std over seeds), the base model's row, and each
+    strategy's held-out NLL minus random's, paired over held-out rows (seed-averaged)."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for u in units:
+        by.setdefault(u["strategy"], []).append(u)
+
+    def per_row(us: list[dict[str, Any]]) -> np.ndarray:
+        return np.mean([[np.nan if x is None else x for x in u["heldout"]["per_row_nll"]] for u in us], axis=0)
+
+    reference = per_row(by["random"]) if "random" in by else None
+    rows = []
+    for strategy, us in by.items():
+        nll_mean, nll_std = _mean_std([u["heldout"]["nll"] for u in us])
+        metric = [u["user_metric"]["value"] for u in us if u.get("user_metric")]
+        m_mean, m_std = _mean_std(metric)
+        row = {"strategy": strategy, "seeds": [u["seed"] for u in us], "rows": float(np.mean([u.get("n_rows") or 0 for u in us])),
+               "tokens": float(np.mean([u.get("tokens") or 0 for u in us])), "nll_mean": nll_mean, "nll_std": nll_std,
+               "nll_per_token_mean": float(np.mean([u["heldout"]["nll_per_token"] for u in us])),
+               "metric_mean": m_mean, "metric_std": m_std,
+               "train_seconds": float(np.mean([u["train_seconds"] for u in us])),
+               "cpu_minutes": float(sum((u["train_seconds"] + u["eval_seconds"]) * u["cpus"] for u in us) / 60)}
+        if reference is not None and strategy not in ("random", BASE_UNIT):
+            diff = per_row(us) - reference
+            diff = diff[np.isfinite(diff)]
+            row["vs_random"] = float(diff.mean())
+            row["vs_random_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None
+        rows.append(row)
+    rows.sort(key=lambda r: (r["strategy"] != BASE_UNIT, r["nll_mean"]))
+    metric_name = next((u["user_metric"]["name"] for u in units if u.get("user_metric")), None)
+    return {"budget": cfg.selection.model_dump(include={"budget", "budget_unit", "gamma"}),
+            "train": training_settings(cfg).model_dump(mode="json", exclude={"seed"}),
+            "heldout_rows": heldout_rows, "metric": metric_name, "higher_is_better": cfg.compare.higher_is_better,
+            "strategies": rows, "cpu_minutes": float(sum(r["cpu_minutes"] for r in rows)),
+            "units": {u["unit"]: {k: v for k, v in u.items() if k != "heldout"} | {"heldout": {
+                k: v for k, v in u["heldout"].items() if k != "per_row_nll"}} for u in units}}
+
+
+def comparison_markdown(table: dict[str, Any]) -> str:
+    """The comparison table (summary.md and comparison.md)."""
+    b = table["budget"]
+    metric = table["metric"]
+    head = ["strategy", "seeds", "rows", "response tokens", "held-out NLL (mean ± std)", "Δ vs random (paired ± s.e.)"]
+    if metric:
+        head.append(f"{metric} (mean ± std, {'higher' if table['higher_is_better'] else 'lower'} is better)")
+    head.append("CPU-min")
+    lines = [f"Held-out: {table['heldout_rows']} rows; budget β = {b['budget']} of {b['budget_unit']}, γ = {b['gamma']}; "
+             f"training: {table['train']['method']}, {table['train']['epochs']} epoch(s), lr {table['train']['learning_rate']}; "
+             f"lower NLL is better; total {table['cpu_minutes']:.1f} CPU-minutes.\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pm(mean, std, digits=4):
+        return "n/a" if mean is None else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    for r in table["strategies"]:
+        base = r["strategy"] == BASE_UNIT
+        cells = [f"{r['strategy']}" + (" (no fine-tuning)" if base else ""), "-" if base else str(len(r["seeds"])),
+                 "-" if base else f"{r['rows']:.0f}", "-" if base else f"{r['tokens']:.0f}", pm(r["nll_mean"], r["nll_std"]),
+                 pm(r.get("vs_random"), r.get("vs_random_se")) if "vs_random" in r else "-"]
+        if metric:
+            cells.append(pm(r["metric_mean"], r["metric_std"]))
+        cells.append(f"{r['cpu_minutes']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_plot(table: dict[str, Any]) -> bytes:
+    """Held-out NLL per strategy (bars: mean over seeds, whiskers: std, dots: seeds)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table["strategies"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(rows))
+    ax.bar(x, [r["nll_mean"] for r in rows], yerr=[r["nll_std"] or 0 for r in rows], capsize=4,
+           color=["#999" if r["strategy"] == BASE_UNIT else "#4477aa" for r in rows])
+    for i, r in enumerate(rows):
+        seeds = [table["units"][BASE_UNIT if r["strategy"] == BASE_UNIT else unit_name(r["strategy"], s)]["heldout"]["nll"]
+                 for s in (r["seeds"] if r["strategy"] != BASE_UNIT else [None])]
+        ax.plot([i] * len(seeds), seeds, "k.", ms=4)
+    lo = min(r["nll_mean"] - (r["nll_std"] or 0) for r in rows)
+    hi = max(r["nll_mean"] + (r["nll_std"] or 0) for r in rows)
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    ax.set_xticks(x, [r["strategy"] for r in rows], rotation=20)
+    ax.set_ylabel("held-out response NLL (nats)")
+    ax.set_title(f"fine-tuned on each strategy's pick ({table['heldout_rows']} held-out rows)")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_comparison(run_dir: str, table: dict[str, Any]) -> None:
+    root = rundir.compare_dir(run_dir)
+    rundir.write_json(rundir.join(root, "comparison.json"), table, indent=2)
+    rundir.write_bytes(rundir.join(root, "comparison.md"), comparison_markdown(table).encode())
+    rundir.write_bytes(rundir.join(root, "comparison.png"), comparison_plot(table))

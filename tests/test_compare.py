@@ -1,0 +1,135 @@
+"""`instructdiff compare`: each strategy's pick fine-tuned and measured on held-out rows, the
+held-out NLL exact against an independent float64 command (which is also the user-metric path),
+and a killed compare resumed computing only the units without markers."""
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from instructdiff_ray.config import ConfigError, build_config
+
+pytestmark = pytest.mark.slow
+
+EVAL = Path(__file__).with_name("compare_eval.py")
+STRATEGIES = ["instructdiff", "random", "full"]
+
+
+def _config(tmp, gsm8k, base):
+    return {"out": str(tmp / "run"), "data": {"paths": [str(gsm8k)], "limit": 40, "shard_rows": 20},
+            "model": {"base": str(base)}, "engine": {"threads": 1},
+            "warmup": {"alpha": 0.1, "max_steps": 2, "batch_size": 4, "learning_rate": 1e-3},
+            "selection": {"budget": 0.2}, "run": {"lease_ttl_s": 2}, "progress": "off",
+            "compare": {"eval": [str(gsm8k)], "eval_skip": 1000, "eval_limit": 10, "strategies": STRATEGIES,
+                        "seeds": [0, 1], "train": {"batch_size": 4, "learning_rate": 1e-3},
+                        "eval_command": f"{sys.executable} {EVAL} {{model_dir}} {{heldout}}", "metric": "nll64",
+                        "higher_is_better": False}}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, ray_local, tiny_model, gsm8k):
+    """`run` with a compare section: the rounds, then 3 strategies x 2 seeds + the base model."""
+    from instructdiff_ray.pipeline import run_job
+
+    tmp = tmp_path_factory.mktemp("compare")
+    cfg = build_config(_config(tmp, gsm8k, tiny_model))
+    result = run_job(cfg)
+    return Path(cfg.out), result
+
+
+def _table(run: Path) -> dict:
+    return json.loads((run / "compare" / "comparison.json").read_text())
+
+
+def test_every_strategy_trained_and_measured_exactly(compared):
+    run, result = compared
+    table = _table(run)
+    assert [r["strategy"] for r in table["strategies"]][0] == "base"
+    assert {r["strategy"] for r in table["strategies"]} == {"base", *STRATEGIES}
+    assert set(table["units"]) == {"base"} | {f"{s}/seed-{k}" for s in STRATEGIES for k in (0, 1)}
+    assert table["heldout_rows"] == 10 and table["metric"] == "nll64"
+    for name, unit in table["units"].items():
+        # the user command's independent float64 NLL is the package's held-out NLL
+        assert unit["user_metric"]["name"] == "nll64" and unit["user_metric"]["all"]["rows"] == 10
+        assert abs(unit["user_metric"]["value"] - unit["heldout"]["nll"]) < 1e-4, name
+        assert unit["heldout"]["rows"] == 10 and unit["heldout"]["rows_failed"] == 0
+        if name != "base":
+            assert unit["train"]["samples"] == unit["n_rows"] > 0 and unit["train"]["steps"] >= 1
+            assert abs(unit["heldout"]["nll"] - table["units"]["base"]["heldout"]["nll"]) > 1e-6  # it trained
+    final = result["rounds"][-1]
+    picked = (run / "compare" / "selections" / "instructdiff" / "selected_ids.txt").read_text()
+    assert picked == Path(final["paths"]["ids"]).read_text()  # the run's own pick, same budget
+    assert table["units"]["full/seed-0"]["n_rows"] == 40 and table["units"]["instructdiff/seed-0"]["n_rows"] < 40
+    rows = {r["strategy"]: r for r in table["strategies"]}
+    assert rows["random"]["nll_std"] is not None and len(rows["full"]["seeds"]) == 2
+    assert "vs_random" in rows["instructdiff"] and rows["base"]["cpu_minutes"] > 0
+
+
+def test_table_in_summary_report_and_run_summary(compared):
+    run, result = compared
+    summary = (run / "report" / "summary.md").read_text()
+    assert "## Comparison" in summary and "nll64" in summary and "| full |" in summary
+    page = (run / "report" / "index.html").read_text()
+    assert "Comparison" in page and 'data-name="comparison.png"' in page and "<table" in page
+    assert (run / "report" / "comparison.png").stat().st_size > 1000
+    assert {r["strategy"] for r in result["compare"]["strategies"]} == {"base", *STRATEGIES}
+
+
+def test_killed_compare_resumes_computing_only_missing_units(compared, tiny_model, gsm8k):
+    """Adding a seed makes 3 new units; the driver is killed as one of them finishes; the rerun
+    computes exactly the units without markers, and reuses the killed unit's trained model."""
+    from test_faults import _run_cli
+
+    run, _ = compared
+    before = {p.parent.relative_to(run / "compare" / "units").as_posix(): p.read_text()
+              for p in (run / "compare" / "units").rglob("_UNIT_DONE.json")}
+    assert len(before) == 7
+    args = ["compare", str(run), "--seeds", "0,1,2", "--progress", "off"]
+    tag = f"instructdiff-compare-{run.parent.name}"
+    rc, err = _run_cli(args, tag + "-killed", fault="compare.before_unit_marker:random/seed-2")
+    assert rc == -signal.SIGKILL, err[-3000:]
+    stamp = run / "compare" / "units" / "random" / "seed-2" / "model" / "_WARMUP_DONE.json"
+    stamped = stamp.read_text()
+    marked = {p.parent.relative_to(run / "compare" / "units").as_posix()
+              for p in (run / "compare" / "units").rglob("_UNIT_DONE.json")}
+    assert "random/seed-2" not in marked and set(before) <= marked
+    time.sleep(2.5)  # the killed driver's lease expires
+    rc, err = _run_cli(args, tag + "-resumed")
+    assert rc == 0, err[-3000:]
+    table = _table(run)
+    missing = {f"{s}/seed-2" for s in STRATEGIES} - marked
+    assert set(table["computed"]) == missing and "random/seed-2" in missing
+    assert set(table["reused"]) == marked
+    for name, text in before.items():  # finished units untouched
+        assert (run / "compare" / "units" / name / "_UNIT_DONE.json").read_text() == text
+    assert stamp.read_text() == stamped  # trained before the kill, not retrained
+    assert len({r["strategy"] for r in table["strategies"]}) == 4
+    assert all(len(r["seeds"]) == 3 for r in table["strategies"] if r["strategy"] != "base")
+    from instructdiff_ray.report import run_status
+
+    assert "compare: 10 units finished (base, full/seed-0," in run_status(str(run))
+
+
+def test_heldout_rows_in_the_pool_are_refused(compared):
+    from instructdiff_ray.compare import compare_run, config_for
+
+    run, _ = compared
+    cfg = config_for(str(run), {"eval_skip": 30, "eval_limit": 20})
+    with pytest.raises(ConfigError, match="10 of 20 held-out rows are also in the pool"):
+        compare_run(cfg)
+
+
+def test_compare_settings_are_checked_before_anything_runs(tmp_path, gsm8k, tiny_model):
+    tree = _config(tmp_path, gsm8k, tiny_model)
+    with pytest.raises(ConfigError, match="unknown strategies"):
+        build_config(tree | {"compare": {**tree["compare"], "strategies": ["instructdiff", "best"]}})
+    with pytest.raises(ConfigError, match="template.ifd"):
+        build_config(tree | {"compare": {**tree["compare"], "strategies": ["ifd_loss"]}})
+    with pytest.raises(ConfigError, match="compare.eval"):
+        build_config(tree | {"compare": {**tree["compare"], "eval": [str(tmp_path / "missing.jsonl")]}})
+    from instructdiff_ray.cli import main
+
+    assert main(["compare", str(tmp_path / "nowhere"), "--eval", str(gsm8k)]) == 2
