@@ -139,6 +139,8 @@ def plan_summary(cfg: RunConfig) -> dict[str, Any]:
         "actors": {"min": cfg.ray.min_actors, "max": cfg.ray.max_actors, "gpus_each": cfg.ray.gpus_per_actor,
                    "cpus_each": cfg.ray.cpus_per_actor},
         "selection": cfg.selection.model_dump(),
+        "compare": ({"units": len(cfg.compare.strategies) * len(cfg.compare.seeds) + 1, **cfg.compare.model_dump(mode="json")}
+                    if cfg.compare else None),
     }
 
 
