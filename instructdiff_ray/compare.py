@@ -267,7 +267,7 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     names = [BASE_UNIT, *plans]
     done = {n: rundir.unit_result(rundir.unit_dir(cfg.out, n)) for n in names}
     pending = [n for n in names if done[n] is None]
-    progress = Progress("compare", len(names), cfg.progress)
+    progress = Progress("compare", len(names), cfg.progress, unit="units")
     progress.update(len(names) - len(pending))
     progress.note(f"{len(names)} units ({len(c.strategies)} strategies x {len(c.seeds)} seeds + the base model), "
                   f"{len(names) - len(pending)} already done; held-out: {len(heldout)} rows")
@@ -358,7 +358,7 @@ def comparison_markdown(table: dict[str, Any]) -> str:
     """The comparison table (summary.md and comparison.md)."""
     b = table["budget"]
     metric = table["metric"]
-    head = ["strategy", "seeds", "rows", "response tokens", "held-out NLL (mean ± std)", "Δ vs random (paired ± s.e.)"]
+    head = ["strategy", "seeds", "rows", "response tokens", "held-out NLL (mean ± std)", "Δ NLL vs random (paired ± s.e.; < 0: better)"]
     if metric:
         head.append(f"{metric} (mean ± std, {'higher' if table['higher_is_better'] else 'lower'} is better)")
     head.append("CPU-min")

@@ -15,8 +15,8 @@ class Progress:
     per `quiet_every` seconds plus the final line, so logs stay short.
     """
 
-    def __init__(self, label: str, total: int, mode: str = "auto", quiet_every: float = 30.0):
-        self.label, self.total = label, max(total, 1)
+    def __init__(self, label: str, total: int, mode: str = "auto", quiet_every: float = 30.0, unit: str = "rows"):
+        self.label, self.total, self.unit = label, max(total, 1), unit
         self.tty = progress_enabled(mode)
         self.off = mode == "off"
         self.quiet_every = quiet_every
@@ -35,8 +35,9 @@ class Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 and not final else 0.0
         line = (
-            f"[{self.label}] {self.done}/{self.total} rows ({100 * self.done / self.total:.0f}%)  "
-            f"{rate:.1f} rows/s  {self.tokens / elapsed:.0f} tok/s  elapsed {elapsed:.0f}s  eta {eta:.0f}s"
+            f"[{self.label}] {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)  "
+            + (f"{rate:.1f} rows/s  {self.tokens / elapsed:.0f} tok/s  " if self.unit == "rows" else "")
+            + f"elapsed {elapsed:.0f}s  eta {eta:.0f}s"
         )
         print(line + (f"  {extra}" if extra else ""), file=sys.stderr, flush=True)
 

@@ -133,3 +133,22 @@ def test_compare_settings_are_checked_before_anything_runs(tmp_path, gsm8k, tiny
     from instructdiff_ray.cli import main
 
     assert main(["compare", str(tmp_path / "nowhere"), "--eval", str(gsm8k)]) == 2
+
+
+def test_eval_command_failures_name_the_command_and_its_output(tmp_path):
+    from instructdiff_ray.compare import EvalCommandFailed, pick_metric, user_metrics
+    from instructdiff_ray.config import CompareConfig
+    from instructdiff_ray.corpus import Sample
+
+    rows = [Sample(source_file="f", source_row=0, sample_id="a", instruction="q", response="r")]
+    with pytest.raises(EvalCommandFailed, match="exited 3 .*no such model"):
+        user_metrics("echo no such model >&2; exit 3", str(tmp_path), rows)
+    with pytest.raises(EvalCommandFailed, match="no JSON object line"):
+        user_metrics("echo accuracy: 0.5", str(tmp_path), rows)
+    got = user_metrics("echo '{not json'; cat {heldout} | wc -l | xargs -I N echo '{\"rows\": N, \"name\": \"x\"}'; "
+                       "echo done", str(tmp_path), rows)
+    assert got == {"rows": 1.0}  # the last JSON-object line; its numbers only
+    c = CompareConfig(eval=["x"])
+    with pytest.raises(EvalCommandFailed, match="name the one to compare with compare.metric"):
+        pick_metric(c, {"acc": 0.5, "f1": 0.4})
+    assert pick_metric(CompareConfig(eval=["x"], metric="f1"), {"acc": 0.5, "f1": 0.4}) == ("f1", 0.4)
