@@ -263,13 +263,14 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
         raise ConfigError(f"{len(overlap)} of {len(heldout)} held-out rows are also in the pool (first: {overlap[0]}); "
                           "a held-out set must not share a sample with what the models train on (see compare.eval_skip)")
     rundir.check_or_write_compare_manifest(cfg.out, fingerprint(cfg, scores_dir, heldout))
-    plans = remote_call(plan_units, cfg, scores_dir, [(s, seed) for s in c.strategies for seed in c.seeds])
+    wanted = [(s, seed) for s in c.strategies for seed in (c.full_seeds if s == FULL and c.full_seeds else c.seeds)]
+    plans = remote_call(plan_units, cfg, scores_dir, wanted)
     names = [BASE_UNIT, *plans]
     done = {n: rundir.unit_result(rundir.unit_dir(cfg.out, n)) for n in names}
     pending = [n for n in names if done[n] is None]
     progress = Progress("compare", len(names), cfg.progress, unit="units")
     progress.update(len(names) - len(pending))
-    progress.note(f"{len(names)} units ({len(c.strategies)} strategies x {len(c.seeds)} seeds + the base model), "
+    progress.note(f"{len(names)} units ({len(wanted)} strategy x seed + the base model), "
                   f"{len(names) - len(pending)} already done; held-out: {len(heldout)} rows")
     shards = load_plan(cfg.data, cfg.out).shards
     threads = cfg.engine.threads or max(1, int(cfg.ray.cpus_per_actor))

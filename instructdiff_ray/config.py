@@ -193,6 +193,8 @@ class CompareConfig(_Strict):
                                   description="selection strategies at selection.budget, plus 'full' (every scored row)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
                              description="training seeds (and the pick of 'random'); one unit per strategy x seed")
+    full_seeds: list[int] | None = Field(None, description="seeds of the 'full' units (default: seeds); full data "
+                                                          "costs about 1/budget selection units each")
     train: WarmupConfig | None = Field(None, description="fine-tuning settings, identical for every unit "
                                                           "(default: the run's warmup settings)")
     eval_command: str | None = Field(None, description="run per model: {model_dir} and {heldout} are replaced (also "
@@ -209,7 +211,7 @@ class CompareConfig(_Strict):
         bad = [s for s in self.strategies if s not in STRATEGIES and s != "full"]
         if bad:
             raise ValueError(f"unknown strategies {bad}; choose from {sorted([*STRATEGIES, 'full'])}")
-        if len(set(self.strategies)) != len(self.strategies) or len(set(self.seeds)) != len(self.seeds):
+        if any(len(set(x)) != len(x) for x in (self.strategies, self.seeds, self.full_seeds or [])):
             raise ValueError("strategies and seeds must not repeat")
         return self
 
