@@ -217,14 +217,15 @@ def run_unit(cfg: RunConfig, unit: str, udir: str, samples: list[Sample] | None,
              info: dict[str, Any]) -> dict[str, Any]:
     """Train (unless `samples` is None: the base model), evaluate, then write the unit's marker."""
     from .models import pin, resolve_model
-    from .warmup import train_warmup
+    from .warmup import step_printer, train_warmup
 
     t0 = time.monotonic()
     train = None
     if samples is None:
         model_dir = resolve_model(pin(cfg.model.base))
     else:
-        result = train_warmup(cfg, samples, rundir.join(udir, "model"), in_process=True)
+        result = train_warmup(cfg, samples, rundir.join(udir, "model"), on_step=step_printer(cfg, f"compare {unit}"),
+                              in_process=True)
         train = asdict(result)
         model_dir = resolve_model(result.merged_dir)
     t1 = time.monotonic()

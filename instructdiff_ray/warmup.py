@@ -345,10 +345,19 @@ def _train_in_task(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     return ray.get(remote.remote({k: v for k, v in spec.items() if k != "on_step"}))
 
 
+def step_printer(cfg: RunConfig, label: str = "warmup") -> Callable[[dict[str, Any]], None]:
+    """A step line (every step with progress on, else every 10th); from a Ray task it reaches the
+    driver through Ray's log forwarding."""
+    every = 1 if cfg.progress == "on" else 10
+
+    def report(h: dict[str, Any]) -> None:
+        if h["step"] % every == 0 and cfg.progress != "off":
+            print(f"[{label}] step {h['step']}  loss {h['loss']:.4f}  lr {h['lr']:.2e}  {h['seconds']:.0f}s", flush=True)
+    return report
+
+
 def _train_and_print(spec: dict[str, Any]) -> dict[str, Any]:
-    every = 1 if spec["cfg"].progress == "on" else 10
-    spec["on_step"] = lambda h: h["step"] % every == 0 and print(
-        f"[warmup] step {h['step']}  loss {h['loss']:.4f}  lr {h['lr']:.2e}  {h['seconds']:.0f}s", flush=True)
+    spec["on_step"] = step_printer(spec["cfg"])
     return train_loop(spec)
 
 
