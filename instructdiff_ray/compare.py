@@ -13,7 +13,6 @@ Units run as Ray tasks, as many at once as the cluster has room for (one actor's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import numpy as np
 
 from . import rundir
 from .config import CompareConfig, ConfigError, RunConfig
-from .corpus import Sample, load_plan
+from .corpus import Sample, load_plan, samples_digest
 from .faults import armed, kill_point
 from .progress import Progress
 
@@ -87,11 +86,9 @@ def load_heldout(cfg: RunConfig) -> list[Sample]:
     return samples
 
 
-def heldout_digest(samples: list[Sample]) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(json.dumps([s.sample_id, s.instruction, s.input, s.response, s.messages], ensure_ascii=False).encode())
-    return h.hexdigest()
+def budget_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The selection settings every strategy's pick shares (the strategy and seed vary per unit)."""
+    return cfg.selection.model_dump(include={"budget", "budget_unit", "gamma"})
 
 
 def training_settings(cfg: RunConfig):
@@ -112,11 +109,11 @@ def fingerprint(cfg: RunConfig, scores_dir: str, heldout: list[Sample]) -> dict[
     return {
         "base_model": identity(pin(cfg.model.base)),
         "scores": manifest["fingerprint_hash"],
-        "budget": cfg.selection.model_dump(include={"budget", "budget_unit", "gamma"}),
+        "budget": budget_settings(cfg),
         "train": training_settings(cfg).model_dump(mode="json", exclude={"seed"}),
         "template": cfg.template.model_dump(mode="json"),
         "dtype": cfg.model.dtype,
-        "heldout": {"rows": len(heldout), "sha256": heldout_digest(heldout)},
+        "heldout": {"rows": len(heldout), "sha256": samples_digest(heldout)},
         "eval_command": c.eval_command,
         "metric": c.metric,
     }
@@ -141,7 +138,7 @@ def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) ->
     for strategy, seed in units:
         # full: every ok row once (a selection of all samples); random: its pick depends on the seed
         settings = (dict(strategy="longest", budget=1.0, budget_unit="samples") if strategy == FULL else
-                    cfg.selection.model_dump(include={"budget", "budget_unit", "gamma"}) | {"strategy": strategy, "seed": seed})
+                    budget_settings(cfg) | {"strategy": strategy, "seed": seed})
         name = f"{strategy}-seed-{seed}" if strategy == "random" else strategy
         sel_dir = rundir.join(rundir.compare_dir(cfg.out), "selections", name)
         commit = rundir.committed_selection(sel_dir)
@@ -305,10 +302,9 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     table = summarize(cfg, [done[n] for n in names], len(heldout))
     table["computed"], table["reused"] = pending, [n for n in names if n not in pending]
     write_comparison(cfg.out, table)
-    if rundir.exists(rundir.join(cfg.out, rundir.RUN_SUMMARY)):
-        from .report import write_run_report
+    from .report import write_run_report
 
-        remote_call(write_run_report, cfg.out)
+    remote_call(write_run_report, cfg.out)
     return table
 
 
@@ -348,7 +344,7 @@ def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int) ->
         rows.append(row)
     rows.sort(key=lambda r: (r["strategy"] != BASE_UNIT, r["nll_mean"]))
     metric_name = next((u["user_metric"]["name"] for u in units if u.get("user_metric")), None)
-    return {"budget": cfg.selection.model_dump(include={"budget", "budget_unit", "gamma"}),
+    return {"budget": budget_settings(cfg),
             "train": training_settings(cfg).model_dump(mode="json", exclude={"seed"}),
             "heldout_rows": heldout_rows, "metric": metric_name, "higher_is_better": cfg.compare.higher_is_better,
             "strategies": rows, "cpu_minutes": float(sum(r["cpu_minutes"] for r in rows)),

@@ -370,6 +370,14 @@ def _load_table_rows(path: str, fmt: str) -> list[Any]:
 Raw = tuple[int, Any, "str | None", "str | None"]  # (source_row, record, error status, raw text)
 
 
+def samples_digest(samples: list[Sample]) -> str:
+    """sha256 of the samples' normalised contents, in order: what a model was trained or measured on."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.instruction, s.input, s.response, s.messages], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
 def rows_by_shard(shards: list[Shard], files: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
     """shard id -> positions i (into `files`/`rows`, sorted by row) of the rows (files[i], rows[i])
     that the shard holds; vectorised per file."""

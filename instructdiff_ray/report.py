@@ -165,11 +165,11 @@ def write_run_report(run_dir: str) -> dict[str, str]:
         sections.append(f"<h2>Round {k}</h2><pre>{html.escape(chr(10).join(lines[1:]))}</pre>" + "".join(imgs))
     compare_url = rundir.join(rundir.compare_dir(run_dir), "comparison.json")
     if rundir.exists(compare_url):  # instructdiff compare: fine-tuned on each strategy's pick
-        from .compare import comparison_markdown, comparison_plot
+        from .compare import comparison_markdown
 
-        table = rundir.read_json(compare_url)
-        text = comparison_markdown(table)
-        png = comparison_plot(table)
+        text = comparison_markdown(rundir.read_json(compare_url))
+        fs, png_path = rundir.fs_of(rundir.join(rundir.compare_dir(run_dir), "comparison.png"))
+        png = fs.cat_file(png_path)
         rundir.write_bytes(rundir.join(run_dir, "report", "comparison.png"), png)
         md += ["## Comparison: fine-tuned on each strategy's pick\n", text]
         sections.append("<h2>Comparison: fine-tuned on each strategy's pick</h2>" + _html_table(text)

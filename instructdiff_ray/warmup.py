@@ -9,7 +9,6 @@ never resized, so base and warmup always share it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -26,7 +25,7 @@ import torch
 
 from . import rundir
 from .config import DataConfig, RunConfig
-from .corpus import Sample, Shard, iter_unit, normalize_rows, read_units, rows_by_shard
+from .corpus import Sample, Shard, iter_unit, normalize_rows, read_units, rows_by_shard, samples_digest
 
 
 @dataclass
@@ -285,15 +284,12 @@ def warmup_fingerprint(cfg: RunConfig, base: str, samples: list[Sample]) -> dict
     """What decides the warmup weights: base model (pinned spec), settings, template, and the rows trained on."""
     from .models import identity
 
-    rows = hashlib.sha256()
-    for s in samples:
-        rows.update(json.dumps([s.instruction, s.input, s.response, s.messages], ensure_ascii=False).encode())
     return {
         "base_model": identity(base),
         "warmup": cfg.warmup.model_dump(mode="json"),
         "template": cfg.template.model_dump(mode="json"),
         "dtype": cfg.model.dtype,
-        "rows": {"count": len(samples), "sha256": rows.hexdigest()},
+        "rows": {"count": len(samples), "sha256": samples_digest(samples)},
     }
 
 
