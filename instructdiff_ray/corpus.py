@@ -21,7 +21,9 @@ sample or with a status and reason; nothing is dropped silently.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
@@ -38,6 +40,9 @@ RANGE_BYTES = 64 << 20  # a JSONL planning range
 PARQUET_BATCH = 4096  # rows decoded at a time from a row group
 FULL_DIGEST_BYTES = 256 << 20  # local files up to this size are digested whole
 SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 16, 1 << 20
+PLAN_BUFFER = 16 << 20  # object stores: bytes per range request while planning (sequential scans)
+READ_BUFFER = 256 << 10  # object stores: bytes per range request while reading a unit
+MAX_READ_BUFFER = 8 << 20  # a JSONL shard of known span is fetched in requests of its size, up to this
 
 # Status codes a row can end with before it reaches a model.
 MALFORMED = "malformed_json"
@@ -47,6 +52,8 @@ MISSING_FIELD = "missing_field"
 EMPTY_PROMPT = "empty_prompt"
 EMPTY_RESPONSE = "empty_response"
 UNKNOWN_SHAPE = "unknown_shape"
+# Rows whose input cannot become a sample (they count against run.max_invalid_fraction).
+INVALID_STATUSES = (MALFORMED, INVALID_UTF8, BAD_TYPE, MISSING_FIELD, EMPTY_PROMPT, EMPTY_RESPONSE, UNKNOWN_SHAPE)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Shard:
     row_stop: int  # one past the last row (jsonl: the line after the shard's last line)
     n_rows: int  # rows this shard yields (jsonl: non-blank lines in the range)
     byte_start: int | None = None  # jsonl only: where row_start begins (in the decompressed stream for .gz)
+    byte_stop: int | None = None  # jsonl only: one past the shard's last line (reads fetch exactly this span)
     group: int | None = None  # parquet only: the row group that holds the shard
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,8 +162,24 @@ def list_files(cfg: DataConfig) -> list[tuple[str, str]]:
     return out
 
 
-def _open(path: str, mode: str = "rb"):
-    return fsspec.open(sources.local(path), mode, compression="infer")
+@contextlib.contextmanager
+def _open(path: str, buffer: int = READ_BUFFER) -> Iterator[Any]:
+    """A binary reader of a corpus file. On object stores, reads are range requests of exactly
+    `buffer` bytes through a buffered reader: lines are split from those buffers (fsspec's own
+    readline refetches a cache block per line) and nothing is read ahead of what is consumed."""
+    url = sources.local(path)
+    if rundir.is_local(url):
+        with fsspec.open(url, "rb", compression="infer") as f:
+            yield f
+        return
+    from fsspec.compression import compr
+    from fsspec.utils import infer_compression
+
+    fs, p = rundir.fs_of(url)
+    with fs.open(p, "rb", block_size=buffer, cache_type="none") as raw:
+        f: Any = io.BufferedReader(raw, buffer_size=buffer)
+        codec = infer_compression(p)
+        yield compr[codec](f, mode="rb") if codec else f
 
 
 def _size(path: str) -> int:
@@ -164,18 +188,25 @@ def _size(path: str) -> int:
 
 
 def file_fingerprint(url: str) -> dict[str, Any]:
-    """An input file by content: its sha256 when local and up to 256 MiB; otherwise size,
-    mtime/ETag and the sha256 of 16 evenly spaced 1 MiB blocks (head and tail included). A Hub
-    dataset file is pinned by its commit."""
+    """An input file by content, without reading it where that is costly: a local file by its
+    sha256 (up to 256 MiB; larger ones by size, mtime and 16 sampled 1 MiB blocks), an object by
+    the store's metadata (size, and its ETag, version id or generation, which change with the
+    content), a Hub dataset file by its commit."""
     if sources.is_hub(url):
         repo, commit, path = sources.parse_hub(url)
         return {"path": url, "hub": repo, "commit": commit, "file": path}
     fs, path = rundir.fs_of(url)
     info = fs.info(path)
     size = int(info["size"])
+    if not rundir.is_local(url):
+        version = {k: str(info[k]) for k in ("ETag", "etag", "VersionId", "generation", "md5Hash", "crc32c")
+                   if info.get(k)}
+        if not version:
+            version = {"mtime": str(info.get("mtime") or info.get("LastModified") or info.get("updated"))}
+        return {"path": url, "size": size, "version": version}
     h = hashlib.sha256()
     with fs.open(path, "rb") as f:
-        if rundir.is_local(url) and size <= FULL_DIGEST_BYTES:
+        if size <= FULL_DIGEST_BYTES:
             for block in iter(lambda: f.read(8 << 20), b""):
                 h.update(block)
             return {"path": url, "size": size, "sha256": h.hexdigest()}
@@ -183,18 +214,17 @@ def file_fingerprint(url: str) -> dict[str, Any]:
         for i in range(SAMPLE_BLOCKS):
             f.seek(span * i // (SAMPLE_BLOCKS - 1))
             h.update(f.read(SAMPLE_BLOCK_BYTES))
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-    return {"path": url, "size": size, "version": str(version), "sampled_sha256": h.hexdigest()}
+    return {"path": url, "size": size, "mtime": str(info.get("mtime")), "sampled_sha256": h.hexdigest()}
 
 
 def scan_jsonl(path: str, byte_start: int, byte_stop: int | None, shard_rows: int,
                max_rows: int | None = None) -> dict[str, Any]:
     """The lines that START in [byte_start, byte_stop) of one file (the whole stream for None),
     cut into chunks of `shard_rows` non-blank lines: [byte offset, first line, rows, line after
-    last], line numbers relative to the range. Streams: memory does not grow with the range."""
+    last, byte after last], line numbers relative to the range. Streams: memory does not grow with the range."""
     chunks: list[list[int]] = []
     lines = 0
-    with _open(path) as f:
+    with _open(path, PLAN_BUFFER) as f:
         pos = 0
         if byte_start > 0:
             f.seek(byte_start - 1)
@@ -207,9 +237,10 @@ def scan_jsonl(path: str, byte_start: int, byte_stop: int | None, shard_rows: in
                 if max_rows is not None and rows >= max_rows:
                     break
                 if not chunks or chunks[-1][2] == shard_rows:
-                    chunks.append([pos, lines, 0, 0])
+                    chunks.append([pos, lines, 0, 0, 0])
                 chunks[-1][2] += 1
                 chunks[-1][3] = lines + 1
+                chunks[-1][4] = pos + len(line)
                 rows += 1
             lines += 1
             pos += len(line)
@@ -292,8 +323,8 @@ def plan_shards(cfg: DataConfig, files: list[tuple[str, str]] | None = None) -> 
         path = args[0]
         if fmt == "jsonl":
             base = line_base.get(path, 0)
-            for byte, first, n, stop in res["chunks"]:
-                shards.append(Shard(len(shards), path, fmt, base + first, base + stop, n, byte))
+            for byte, first, n, stop, end in res["chunks"]:
+                shards.append(Shard(len(shards), path, fmt, base + first, base + stop, n, byte, end))
                 left -= n
             line_base[path] = base + res["lines"]
             continue
@@ -424,7 +455,9 @@ def iter_unit(shards: list[Shard]) -> Iterator[tuple[Shard, list[Raw]]]:
 def _iter_jsonl(order: list[Shard]) -> Iterator[tuple[Shard, list[Raw]]]:
     path = order[0].path
     seekable = not _compressed(path)
-    with _open(path) as f:
+    spans = [s.byte_stop - s.byte_start for s in order if s.byte_stop is not None and s.byte_start is not None]
+    buffer = min(max(max(spans), 64 << 10), MAX_READ_BUFFER) if seekable and spans else READ_BUFFER
+    with _open(path, buffer) as f:
         pos, lineno = 0, 0
         for s in order:
             if seekable:

@@ -76,17 +76,22 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def s3():
-    """A local S3-compatible server (moto) for the session, and an s3fs client for it."""
-    from moto.server import ThreadedMotoServer
+def s3_server():
+    """A local S3-compatible server (moto) for the session, behind a layer that injects faults
+    (s3_server.layer.fail / .outage) and counts the bytes it serves."""
+    from s3server import Server
 
-    port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = Server(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server):
+    """An s3fs client of the session's S3 server."""
     import s3fs
 
     yield s3fs.S3FileSystem()
-    server.stop()
 
 
 @pytest.fixture
