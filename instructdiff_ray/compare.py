@@ -51,7 +51,7 @@ def scores_of_run(run_dir: str) -> str:
     if not rundir.exists(rundir.join(run_dir, rundir.RUN_SUMMARY)):
         raise ConfigError(f"{run_dir} holds no finished run (no {rundir.RUN_SUMMARY}); run the job to its end first")
     last = rundir.read_run_summary(run_dir)["rounds"][-1]["round"]
-    return rundir.join(rundir.round_dir(run_dir, last), "scores")
+    return rundir.scores_dir(run_dir, last)
 
 
 def config_for(run_dir: str, updates: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> RunConfig:
@@ -62,7 +62,11 @@ def config_for(run_dir: str, updates: dict[str, Any], overrides: list[tuple[str,
     if not rundir.exists(url):
         raise ConfigError(f"{run_dir} has no {rundir.RUN_CONFIG}: not a run directory made by `instructdiff run`")
     tree = rundir.read_json(url)["invocations"][-1]["config"] | {"out": run_dir}
-    section = dict(tree.get("compare") or {}) | {k: v for k, v in updates.items() if v is not None}
+    stored = dict(tree.get("compare") or {})
+    if stored.pop("eval_command", None) and not updates.get("eval_command"):
+        log.warning("the run directory's compare.eval_command is not run (a command is taken only from your own "
+                    "config or --eval-command, never from files in a run directory)")
+    section = stored | {k: v for k, v in updates.items() if v is not None}
     if "eval" not in section:
         raise ConfigError("compare needs held-out data: --eval HELD_OUT (or a compare: section in the run's config)")
     return build_config(tree | {"compare": section}, overrides)

@@ -125,6 +125,10 @@ def _listing(url: str) -> list[tuple[str, int, str]]:
     files = fs.find(root, detail=True)
     if not files:
         raise ModelNotFound(f"{url}: no files there")
+    for p in files:
+        name = p[len(root) + 1:]
+        if not p.startswith(root + "/") or any(part in ("", ".", "..") for part in name.split("/")):
+            raise ModelNotFound(f"{url}: refusing object key {p!r}, which would land outside the model's directory")
     return sorted((p[len(root) + 1:], int(i["size"]), str(i.get("ETag") or i.get("etag") or i.get("md5Hash") or i.get("mtime")))
                   for p, i in files.items())
 

@@ -39,6 +39,7 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .config import ConfigError
 from .faults import kill_point
 
 log = logging.getLogger(__name__)
@@ -90,21 +91,28 @@ def exists(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def open_atomic(url: str, mode: str = "wb", point: str | None = None) -> Iterator[Any]:
+def open_atomic(url: str, mode: str = "wb") -> Iterator[Any]:
     """A file handle whose content appears at `url` whole or not at all.
 
-    `point` names a fault-injection point reached after the first half of the data is written
-    (used by `write_bytes`)."""
+    Local disks: a temporary beside the file, fsynced and renamed into place. Object stores:
+    a temporary key beside the final one, moved there (copy + delete) only after the upload
+    completed; on an exception the temporary is deleted and the final key is left as it was
+    (fsspec's close() would otherwise finish the upload of a partial object)."""
     fs, path = fs_of(url)
-    parent = path.rsplit("/", 1)[0]
+    parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    tmp = join(parent, f".{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}") if parent else f".{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if not isinstance(fs, LocalFileSystem):
-        with fs.open(path, mode) as f:  # object stores: the object exists only once the upload completes
-            yield f
+        try:
+            with fs.open(tmp, mode) as f:
+                yield f
+            fs.mv(tmp, path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.rm(tmp)
+            raise
         return
-    name = path.rsplit("/", 1)[-1]
-    tmp = join(parent, f".{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -137,6 +145,25 @@ def read_json(url: str) -> Any:
         return json.load(f)
 
 
+def read_record(url: str) -> dict[str, Any] | None:
+    """A marker, stamp or commit record, or None when absent. An unreadable one (truncated by a
+    writer from before atomic commits, or damaged by hand) counts as absent, with a warning:
+    its stage is redone instead of every resume failing on it."""
+    fs, path = fs_of(url)
+    try:
+        with fs.open(path, "rb") as f:
+            record = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as err:
+        log.warning("%s is unreadable (%s); treating it as absent", url, err)
+        return None
+    if not isinstance(record, dict):
+        log.warning("%s is not a record; treating it as absent", url)
+        return None
+    return record
+
+
 def write_parquet(url: str, table) -> None:
     import pyarrow.parquet as pq
 
@@ -144,22 +171,52 @@ def write_parquet(url: str, table) -> None:
         pq.write_table(table, f)
 
 
-def clean_temporaries(url: str) -> int:
-    """Remove temporaries that a killed writer left under `url` (local disks only); return how many."""
-    if not is_local(url) or not os.path.isdir(url):
-        return 0
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and (name.endswith(TMP_SUFFIX) or name.startswith(".tmp-"))
+
+
+def clean_temporaries(url: str, older_than_s: float = 0.0) -> int:
+    """Remove temporaries that a killed writer left under `url` and that are older than
+    `older_than_s` (a live writer's temporaries are younger than the lease's ttl); return how many."""
+    fs, root = fs_of(url)
+    now = time.time()
+    if isinstance(fs, LocalFileSystem):
+        if not os.path.isdir(root):
+            return 0
+        found = [(os.path.join(d, n), os.lstat(os.path.join(d, n)).st_mtime)
+                 for d, dirs, files in os.walk(root) for n in files + dirs if _is_temporary(n)]
+    else:
+        try:
+            listing = fs.find(root, detail=True)
+        except FileNotFoundError:
+            return 0
+        found = [(p, _mtime(info)) for p, info in listing.items() if _is_temporary(p.rsplit("/", 1)[-1])]
     n = 0
-    for dirpath, dirnames, filenames in os.walk(url):
-        for name in filenames + dirnames:
-            if name.startswith(".") and (name.endswith(TMP_SUFFIX) or name.startswith(".tmp-")):
-                target = os.path.join(dirpath, name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        os.unlink(target)
-                n += 1
+    for target, mtime in found:
+        if mtime is not None and now - mtime < older_than_s:
+            continue
+        with contextlib.suppress(OSError, FileNotFoundError):
+            if isinstance(fs, LocalFileSystem) and os.path.isdir(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                fs.rm(target)
+            n += 1
     return n
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    value = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if hasattr(value, "timestamp"):
+        return value.timestamp()
+    from datetime import datetime
+
+    with contextlib.suppress(ValueError):
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    return None
 
 
 def digest(obj: Any) -> str:
@@ -183,37 +240,59 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- the lease
 
 
+class LeaseLost(LeaseHeld):
+    """This driver could not keep its lease (taken over, or not renewed within its ttl)."""
+
+
+def _process_gone(pid: Any) -> bool:
+    """Whether no process with this id runs on this host."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return False
+    return False
+
+
 class Lease:
     """One driver per run directory.
 
-    The holder writes `_lease.json` and refreshes its heartbeat every ttl/4 seconds from a thread;
-    a lease whose heartbeat is older than its ttl belongs to a dead driver and may be taken over.
-    Taking it is write-then-confirm: after writing, the driver waits a moment and reads the lease
-    back, so of two drivers racing for it exactly one finds its own id. A holder that finds
-    another id on a heartbeat has lost the lease (it was paused past the ttl) and stops at the
-    next stage boundary (`check`).
+    The holder writes `_lease.json` and renews its heartbeat every ttl/4 seconds (`beat_s`) from a thread;
+    a lease whose heartbeat is older than its ttl belongs to a dead driver and may be taken over,
+    at once when its holder ran on this host and its process is gone. Taking it is
+    write-then-confirm: after writing, the driver waits a moment and reads the lease back, so of
+    two drivers racing for it exactly one finds its own id.
+
+    A renewal that fails (a store error of any kind) is retried with backoff; the lease is kept
+    through an outage shorter than its ttl. A holder that finds another id, or cannot renew
+    before its ttl runs out, has lost the lease: the thread interrupts the main thread, and
+    leaving the `with` block raises LeaseLost instead of the interruption; `check` raises it too.
     """
 
-    def __init__(self, run_dir: str, ttl_s: float, settle_s: float | None = None):
+    def __init__(self, run_dir: str, ttl_s: float, settle_s: float | None = None, interrupt: bool = True,
+                 beat_s: float | None = None):
         self.url = join(run_dir, LEASE)
         self.run_dir = run_dir
         self.ttl = ttl_s
         self.settle = settle_s if settle_s is not None else (0.2 if is_local(run_dir) else 1.0)
+        self.interrupt = interrupt
+        self.beat = beat_s if beat_s is not None else ttl_s / 4
         self.id = uuid.uuid4().hex
         self.info = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv,
                      "started_at": time.time(), "ttl_s": ttl_s}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
+        self.renewed_at = 0.0
+        self._main = False
 
     def _read(self) -> dict[str, Any] | None:
-        try:
-            return read_json(self.url)
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
+        return read_record(self.url)
 
     def _write(self) -> None:
         write_json(self.url, {**self.info, "heartbeat_at": time.time()})
+        self.renewed_at = time.time()
 
     @staticmethod
     def describe(holder: dict[str, Any]) -> str:
@@ -222,9 +301,17 @@ class Lease:
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started_at', 0)))}, "
                 f"heartbeat {age:.0f}s ago, expires after {holder.get('ttl_s')}s without one)")
 
+    def _holder_alive(self, holder: dict[str, Any]) -> bool:
+        if time.time() - float(holder.get("heartbeat_at", 0)) > float(holder.get("ttl_s", self.ttl)):
+            return False
+        if holder.get("host") == self.info["host"] and _process_gone(holder.get("pid")):
+            log.info("taking over the lease of pid %s on this host: that process is gone", holder.get("pid"))
+            return False
+        return True
+
     def acquire(self) -> "Lease":
         holder = self._read()
-        if holder and holder.get("id") != self.id and time.time() - float(holder.get("heartbeat_at", 0)) <= float(holder.get("ttl_s", self.ttl)):
+        if holder and holder.get("id") != self.id and self._holder_alive(holder):
             raise LeaseHeld(f"{self.run_dir} is in use by another driver: {self.describe(holder)}; "
                             "wait for it to finish, or for its lease to expire if it died")
         self._write()
@@ -233,45 +320,89 @@ class Lease:
         if not holder or holder.get("id") != self.id:
             raise LeaseHeld(f"{self.run_dir}: another driver took the lease at the same time: "
                             f"{self.describe(holder) if holder else 'unknown'}")
+        self._main = threading.current_thread() is threading.main_thread()  # only that thread is interrupted
         self._thread = threading.Thread(target=self._beat, name="instructdiff-lease", daemon=True)
         self._thread.start()
-        removed = clean_temporaries(self.run_dir)
+        removed = clean_temporaries(self.run_dir, older_than_s=self.ttl)
         if removed:
             log.info("removed %d temporaries left by an interrupted run", removed)
         return self
 
+    def _renew(self) -> bool:
+        """One renewal; False when the lease was taken over (raises on store errors)."""
+        try:
+            holder = read_json(self.url)
+        except FileNotFoundError:
+            holder = None
+        if isinstance(holder, dict) and holder.get("id") != self.id:
+            self._lose(f"the lease on {self.run_dir} was taken over by {self.describe(holder)}")
+            return False
+        self._write()
+        return True
+
     def _beat(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
-            holder = self._read()
-            if holder and holder.get("id") != self.id:
-                self.lost = f"lease on {self.run_dir} taken over by {self.describe(holder)}"
-                log.error(self.lost)
-                return
-            try:
-                self._write()
-            except OSError as err:  # a flaky store: the next beat tries again
-                log.warning("lease heartbeat failed: %s", err)
+        """Renew every beat; retry failed renewals with backoff while the lease has more than
+        half a beat left, each attempt bounded by that time (a store call can hang in retries)."""
+        from concurrent.futures import ThreadPoolExecutor, TimeoutError
+
+        interval = self.beat
+        pool = ThreadPoolExecutor(1, thread_name_prefix="instructdiff-lease-io")
+        try:
+            while not self._stop.wait(interval):
+                backoff, error = min(0.25, interval / 4), "no answer"
+                while not self._stop.is_set():
+                    left = self.renewed_at + self.ttl - interval / 2 - time.time()
+                    if left <= 0:
+                        self._lose(f"could not renew the lease on {self.run_dir} within its ttl of {self.ttl:g}s "
+                                   f"(last error: {error}); stopped so that no second driver writes beside this one")
+                        return
+                    try:
+                        if not pool.submit(self._renew).result(timeout=left):
+                            return
+                        break
+                    except TimeoutError:
+                        error = f"a renewal took longer than {left:.1f}s"
+                    except Exception as err:  # any store error: retried while the lease lasts
+                        error = f"{type(err).__name__}: {err}"
+                        log.warning("lease renewal failed (%s); retrying", error)
+                        self._stop.wait(min(backoff, max(left, 0)))
+                        backoff = min(backoff * 2, interval)
+        finally:
+            pool.shutdown(wait=False)
+
+    def _lose(self, why: str) -> None:
+        self.lost = why
+        log.error(why)
+        if self.interrupt and self._main:
+            import _thread
+
+            _thread.interrupt_main()
 
     def check(self) -> None:
         """Raise at a stage boundary if the lease was lost."""
         if self.lost:
-            raise LeaseHeld(self.lost)
+            raise LeaseLost(self.lost)
 
     def release(self) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-        holder = self._read()
-        if holder and holder.get("id") == self.id:
-            fs, path = fs_of(self.url)
-            with contextlib.suppress(FileNotFoundError):
+        if self.lost:
+            return
+        with contextlib.suppress(Exception):
+            holder = self._read()
+            if holder and holder.get("id") == self.id:
+                fs, path = fs_of(self.url)
                 fs.rm(path)
 
     def __enter__(self) -> "Lease":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         self.release()
+        if self.lost:
+            raise LeaseLost(self.lost) from exc
+        return False
 
 
 # ---------------------------------------------------------------- invocations and summaries
@@ -297,8 +428,29 @@ def read_run_summary(run_dir: str) -> dict[str, Any]:
     return read_json(join(run_dir, RUN_SUMMARY))
 
 
+def check_run_dir(url: str) -> None:
+    """Refuse a path that holds no run (status, report, inspect on a typo or a wrong folder)."""
+    if not exists(url):
+        raise ConfigError(f"{url} does not exist")
+    if not (any(exists(join(url, name)) for name in (RUN_CONFIG, PLAN, LEASE, MANIFEST)) or round_dirs(url)):
+        raise ConfigError(f"{url} is not a run directory (no {RUN_CONFIG}, {PLAN}, {MANIFEST} or round-*/); "
+                          "give the --out of a run or score command")
+
+
 def round_dir(run_dir: str, k: int) -> str:
     return join(run_dir, f"round-{k}")
+
+
+def warmup_dir(run_dir: str, k: int) -> str:
+    return join(round_dir(run_dir, k), "warmup")
+
+
+def scores_dir(run_dir: str, k: int) -> str:
+    return join(round_dir(run_dir, k), "scores")
+
+
+def selection_dir(run_dir: str, k: int) -> str:
+    return join(round_dir(run_dir, k), "selection")
 
 
 def round_dirs(run_dir: str) -> list[str]:
@@ -344,19 +496,23 @@ def read_manifest(scores_dir: str) -> dict[str, Any]:
 
 
 def check_or_write_manifest(scores_dir: str, fp: dict[str, Any], plan: list[dict[str, Any]],
-                            environment: dict[str, Any]) -> None:
-    """Write the manifest of a new scores directory, or refuse one written for other inputs."""
+                            environment: dict[str, Any], recompute: bool = False) -> None:
+    """Write the manifest of a new scores directory, or refuse one written for other inputs
+    (with `recompute`, clear that scores directory, and only it, and start it anew)."""
     url = join(scores_dir, MANIFEST)
-    if exists(url):
-        old = read_json(url)
+    old = read_record(url)
+    if old is not None:
         diffs = differing_keys(old["fingerprint"], fp) if old["fingerprint_hash"] != digest(fp) else []
         if old["plan_hash"] != digest(plan):
             diffs.append("shard plan")
-        if diffs:
+        if not diffs:
+            return
+        if not recompute:
             raise FingerprintMismatch(
                 f"{scores_dir} holds scores of a different configuration (differs in: {', '.join(diffs)}); "
-                "use a new output directory or remove this one")
-        return
+                "rerun with --recompute scores to score again (its scores are replaced), or use a new run directory")
+        log.warning("%s: scoring again (differs in: %s; --recompute scores)", scores_dir, ", ".join(diffs))
+        clear_dir(scores_dir)
     write_json(url, {"fingerprint": fp, "fingerprint_hash": digest(fp), "plan_hash": digest(plan), "plan": plan,
                      "environment": environment, "created_at": time.time()}, point="manifest")
 
@@ -384,10 +540,28 @@ def finished_markers(scores_dir: str) -> dict[int, dict[str, Any]]:
         return {}
     blobs = fs.cat(paths)
     out = {}
-    for blob in blobs.values():
-        marker = json.loads(blob)
-        out[int(marker["shard_id"])] = marker
+    for path, blob in blobs.items():
+        try:
+            marker = json.loads(blob)
+            out[int(marker["shard_id"])] = marker
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            log.warning("shard marker %s is unreadable (%s); its shard is scored again", path, err)
     return out
+
+
+def error_shards(markers: dict[int, dict[str, Any]]) -> dict[int, int]:
+    """shard id -> rows that ended with status `error` (a fault during scoring, such as an out-of-memory
+    error, not a property of the row): such shards are scored again by the next run."""
+    return {sid: int(m["status_counts"].get("error", 0)) for sid, m in markers.items()
+            if int(m.get("status_counts", {}).get("error", 0)) > 0}
+
+
+def unmark_shards(scores_dir: str, shard_ids: list[int]) -> None:
+    """Make finished shards pending again (their marker goes first, so a kill leaves them pending)."""
+    fs, root = fs_of(scores_dir)
+    for sid in shard_ids:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(join(root, DONE_DIR, shard_name(sid) + ".json"))
 
 
 def score_files(scores_dir: str) -> list[str]:
@@ -413,20 +587,27 @@ def write_scores_summary(scores_dir: str, summary: dict[str, Any]) -> None:
 
 
 def warmup_stamp(warmup_dir: str) -> dict[str, Any] | None:
-    url = join(warmup_dir, WARMUP_STAMP)
-    return read_json(url) if exists(url) else None
+    return read_record(join(warmup_dir, WARMUP_STAMP))
 
 
-def check_warmup_stamp(warmup_dir: str, fp: dict[str, Any]) -> dict[str, Any] | None:
-    """The stamp of a finished warmup trained with `fp`, None if unfinished; refuses another `fp`."""
+def check_warmup_stamp(warmup_dir: str, fp: dict[str, Any], recompute: bool = False) -> dict[str, Any] | None:
+    """The stamp of a finished warmup trained with `fp`, None if unfinished (or, with
+    `recompute`, trained differently); refuses another `fp` otherwise."""
     stamp = warmup_stamp(warmup_dir)
     if stamp is None:
         return None
     old = stamp.get("fingerprint", {})
     if digest(old) != digest(fp):
+        diffs = differing_keys(old, fp)
+        if recompute:
+            log.warning("%s: training again (differs in: %s; --recompute warmup)", warmup_dir, ", ".join(diffs))
+            return None
+        why = ", ".join(diffs)
+        if any(d.startswith("rows") for d in diffs):
+            why += ": it was trained on other rows (for round 2 and later, the previous round's selection)"
         raise FingerprintMismatch(
-            f"{warmup_dir} holds a warmup model trained differently (differs in: {', '.join(differing_keys(old, fp))}); "
-            "use a new run directory or remove this one")
+            f"{warmup_dir} holds a warmup model trained differently (differs in: {why}); rerun with "
+            "--recompute warmup to train it again (the scores that depend on it are scored again), or use a new run directory")
     return stamp
 
 
@@ -456,16 +637,29 @@ def selection_paths(sel_dir: str) -> dict[str, str]:
             {"ids": "selected_ids.txt", "scores": "selection.parquet", "stats": "stats.json"}.items()}
 
 
-def commit_selection(sel_dir: str, paths: dict[str, str], stats: dict[str, Any]) -> None:
+def commit_selection(sel_dir: str, paths: dict[str, str], stats: dict[str, Any],
+                     fingerprint: dict[str, Any] | None = None) -> None:
+    """The record that makes a selection count; `fingerprint` is what it was made from (its
+    settings and the scores it read), so that a rerun with other settings selects again."""
     kill_point("selection.before_commit")
-    write_json(join(sel_dir, SELECTION_COMMIT), {"paths": paths, "selected_rows": stats["selected_rows"],
-                                                  "committed_at": time.time()})
+    names = {k: v.rstrip("/").rsplit("/", 1)[-1] for k, v in paths.items()}  # a moved run directory stays valid
+    write_json(join(sel_dir, SELECTION_COMMIT), {"paths": names, "selected_rows": stats["selected_rows"],
+                                                  "fingerprint": fingerprint, "committed_at": time.time()})
 
 
-def committed_selection(sel_dir: str) -> dict[str, Any] | None:
-    """The commit record of a finished selection, or None (files without a commit are not trusted)."""
-    url = join(sel_dir, SELECTION_COMMIT)
-    return read_json(url) if exists(url) else None
+def committed_selection(sel_dir: str, fingerprint: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The commit record of a finished selection, or None (files without a commit are not trusted).
+    With `fingerprint`, a selection made from other settings or scores is None as well."""
+    commit = read_record(join(sel_dir, SELECTION_COMMIT))
+    if commit is None:
+        return None
+    commit["paths"] = {k: join(sel_dir, v.rstrip("/").rsplit("/", 1)[-1]) for k, v in commit.get("paths", {}).items()}
+    if fingerprint is None:
+        return commit
+    old = commit.get("fingerprint") or {}
+    if digest(old) != digest(fingerprint):
+        commit["stale"] = differing_keys(old, fingerprint)
+    return commit
 
 
 # ---------------------------------------------------------------- compare units
@@ -496,8 +690,7 @@ def check_or_write_compare_manifest(run_dir: str, fp: dict[str, Any]) -> None:
 
 def unit_result(unit: str) -> dict[str, Any] | None:
     """A finished compare unit's result (written last, after its model and evaluation), or None."""
-    url = join(unit, UNIT_DONE)
-    return read_json(url) if exists(url) else None
+    return read_record(join(unit, UNIT_DONE))
 
 
 def finished_units(run_dir: str) -> list[str]:

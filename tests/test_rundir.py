@@ -1,0 +1,187 @@
+"""The run directory's storage guarantees, on a local disk and on S3 (moto behind a layer that
+injects 503s and outages): atomic writes, unreadable records, the lease through store faults,
+temporaries, object keys, reads sized to the work."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from instructdiff_ray import rundir
+from instructdiff_ray.rundir import Lease, LeaseHeld, LeaseLost
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _write_then_fail(url: str) -> None:
+    with pytest.raises(Boom):
+        with rundir.open_atomic(url, "wb") as f:
+            f.write(b'{"half": ')
+            raise Boom()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_exception_mid_write_leaves_the_final_key_as_it_was(where, tmp_path, request):
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        s3.mkdir("atomic")
+        root = "s3://atomic/run"
+    else:
+        root = str(tmp_path / "run")
+    fs, path = rundir.fs_of(root)
+    url = rundir.join(root, "_done", "shard-00000001.json")
+    _write_then_fail(url)
+    assert not fs.exists(rundir.fs_of(url)[1])  # nothing at the final key
+    rundir.write_json(url, {"shard_id": 1, "ok": True})
+    _write_then_fail(url)
+    assert rundir.read_json(url) == {"shard_id": 1, "ok": True}  # the committed record is untouched
+    leftovers = [p for p in fs.find(path) if p.rsplit("/", 1)[-1].startswith(".")]
+    assert leftovers == []
+
+
+def test_unreadable_records_count_as_absent_with_a_warning(tmp_path, caplog):
+    scores = tmp_path / "scores"
+    rundir.write_json(str(scores / "_done" / "shard-00000000.json"), {"shard_id": 0, "status_counts": {"ok": 3}})
+    (scores / "_done" / "shard-00000001.json").write_text('{"shard_id": 1, "status_co')  # truncated by an old writer
+    (tmp_path / "warmup").mkdir()
+    (tmp_path / "warmup" / rundir.WARMUP_STAMP).write_bytes(b"\x00\x00")
+    (tmp_path / "selection").mkdir()
+    (tmp_path / "selection" / rundir.SELECTION_COMMIT).write_text("[1, 2")
+    assert set(rundir.finished_markers(str(scores))) == {0}
+    assert rundir.warmup_stamp(str(tmp_path / "warmup")) is None
+    assert rundir.committed_selection(str(tmp_path / "selection")) is None
+    assert "shard-00000001.json is unreadable" in caplog.text and "treating it as absent" in caplog.text
+
+
+def test_only_old_temporaries_are_removed(tmp_path):
+    old, young = tmp_path / ".a.json.1234.tmp", tmp_path / ".b.json.5678.tmp"
+    old.write_text("x")
+    young.write_text("y")
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    assert rundir.clean_temporaries(str(tmp_path), older_than_s=50) == 1
+    assert not old.exists() and young.exists()
+
+
+def test_a_lease_left_by_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    holder = {"id": "x", "host": __import__("socket").gethostname(), "pid": pid, "started_at": time.time(),
+              "heartbeat_at": time.time(), "ttl_s": 120}
+    rundir.write_json(str(tmp_path / rundir.LEASE), holder)
+    with Lease(str(tmp_path), ttl_s=120) as lease:
+        assert rundir.read_json(str(tmp_path / rundir.LEASE))["id"] == lease.id
+    # a live process (this one's parent) or another host: refused until the ttl runs out
+    for other in ({"pid": os.getppid()}, {"host": "another-host"}):
+        rundir.write_json(str(tmp_path / rundir.LEASE), {**holder, **other, "heartbeat_at": time.time()})
+        with pytest.raises(LeaseHeld, match="in use by another driver"):
+            Lease(str(tmp_path), ttl_s=120).acquire()
+
+
+@pytest.fixture
+def faults(s3_server):
+    s3_server.layer.reset()
+    yield s3_server.layer
+    s3_server.layer.reset()
+
+
+def _hold(lease: Lease, seconds: float) -> float:
+    """Work inside the lease for `seconds`; returns when it stopped (the lease may stop it early)."""
+    t0 = time.time()
+    with lease:
+        while time.time() - t0 < seconds:
+            time.sleep(0.05)
+    return time.time() - t0
+
+
+def test_lease_renewals_survive_503s_and_a_short_outage(s3, faults):
+    s3.mkdir("lease-ok")
+    run = "s3://lease-ok/run"
+    lease = Lease(run, ttl_s=30, settle_s=0.1, beat_s=0.5)  # one renewal can take 10 s in the store client's retries
+    done = {}
+
+    def work():
+        done["held"] = _hold(lease, 12.0)
+
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(1.0)
+    faults.fail("PUT /lease-ok/run/", times=4)  # renewals (and their copies into place) fail
+    time.sleep(1.5)
+    faults.outage(2.0, match="/lease-ok/")  # every request of this bucket fails for 2 s
+    time.sleep(2.5)
+    with pytest.raises(LeaseHeld, match="in use by another driver"):  # a second driver, after the outage
+        Lease(run, ttl_s=30, settle_s=0.1).acquire()
+    t.join()
+    assert lease.lost is None and done["held"] >= 12.0
+    assert sum("_lease.json" in line for line in faults.failed) > 4  # renewals failed, during the outage too
+    assert not s3.exists("lease-ok/run/_lease.json")  # released at the end
+
+
+def test_a_driver_that_cannot_renew_its_lease_stops(s3, faults):
+    s3.mkdir("lease-lost")
+    lease = Lease("s3://lease-lost/run", ttl_s=2, settle_s=0.1)
+    t0 = time.time()
+    with pytest.raises(LeaseLost, match="could not renew the lease"):
+        with lease:
+            faults.outage(30.0, match="/lease-lost/")
+            while time.time() - t0 < 30:
+                time.sleep(0.05)
+    assert time.time() - t0 < 2 + 1.5  # within its ttl, not after the outage
+
+
+def test_object_keys_outside_a_model_directory_are_refused(s3):
+    from instructdiff_ray.models import ModelNotFound, _listing
+
+    s3.mkdir("models")
+    s3.pipe("models/tiny/config.json", b"{}")
+    s3.pipe("models/tiny/../escape.txt", b"x")  # a key, not a path: S3 stores it as written
+    found = s3.find("models/tiny")
+    if not any(".." in p for p in found):
+        pytest.skip("this S3 server normalises '..' in keys")
+    with pytest.raises(ModelNotFound, match="outside the model's directory"):
+        _listing("s3://models/tiny")
+
+
+def test_compare_never_runs_a_command_read_from_the_run_directory(tmp_path, gsm8k, tiny_model, caplog):
+    from instructdiff_ray.compare import config_for
+
+    run = tmp_path / "run"
+    tree = {"out": str(run), "data": {"paths": [str(gsm8k)]}, "model": {"base": str(tiny_model)},
+            "compare": {"eval": [str(gsm8k)], "eval_command": f"touch {tmp_path}/pwned"}}
+    rundir.write_json(str(run / rundir.RUN_CONFIG), {"invocations": [{"config": tree}]})
+    cfg = config_for(str(run), {})
+    assert cfg.compare.eval_command is None
+    assert "is not run" in caplog.text
+    mine = config_for(str(run), {"eval_command": "echo '{\"x\": 1}'"})
+    assert mine.compare.eval_command == "echo '{\"x\": 1}'"
+
+
+def test_jsonl_on_s3_fetches_each_byte_about_once(s3, faults, tmp_path, gsm8k):
+    """Planning and reading a JSONL corpus on S3: bytes served per corpus byte (fsspec's
+    readline fetched a 50 MiB block per line, and every read unit read ahead 50 MiB)."""
+    from instructdiff_ray.config import DataConfig
+    from instructdiff_ray.corpus import iter_unit, load_plan, read_units
+
+    lines = Path(gsm8k).read_text().splitlines(keepends=True)
+    body = "".join(lines * 2).encode()  # ~8 MB, 14,946 rows
+    s3.mkdir("corpus-bytes")
+    s3.pipe("corpus-bytes/c.jsonl", body)
+    faults.reset()
+    plan = load_plan(DataConfig(paths=["s3://corpus-bytes/c.jsonl"], shard_rows=500), None)
+    plan_bytes = faults.bytes_out
+    faults.reset()
+    rows = sum(len(raw) for unit in read_units(plan.shards) for _, raw in iter_unit(unit))
+    assert rows == len(lines) * 2
+    assert plan_bytes <= 1.05 * len(body), plan_bytes / len(body)  # the fingerprint reads nothing
+    assert faults.bytes_out <= 1.1 * len(body), faults.bytes_out / len(body)
+    local = tmp_path / "c.jsonl"
+    local.write_bytes(body)
+    same = load_plan(DataConfig(paths=[str(local)], shard_rows=500), None)
+    assert [(s.byte_start, s.byte_stop, s.n_rows) for s in same.shards] == [(s.byte_start, s.byte_stop, s.n_rows) for s in plan.shards]
