@@ -103,8 +103,8 @@ def run(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> RunRe
     config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
     check_config(config)
     res = run_job(config)
-    rounds = [RoundResult(round=r["round"], scores_dir=rundir.join(rundir.round_dir(config.out, r["round"]), "scores"),
-                          selection_dir=rundir.join(rundir.round_dir(config.out, r["round"]), "selection"),
+    rounds = [RoundResult(round=r["round"], scores_dir=rundir.scores_dir(config.out, r["round"]),
+                          selection_dir=rundir.selection_dir(config.out, r["round"]),
                           rows_scored=r["selection"]["rows_scored"], selected_rows=r["selection"]["selected_rows"],
                           status_counts=r["scoring"]["status_counts"], timings=r["timings"])
               for r in res["rounds"]]
@@ -142,16 +142,11 @@ def select(scores: str | pa.Table, out: str | None = None, **settings: Any) -> S
     SelectionConfig fields (budget, budget_unit, gamma, strategy, seed, output_format, export).
     With `out`, the selection is written there (ids, selection.parquet, stats and, when the
     corpus is reachable, the records); without, it is only returned."""
-    from pydantic import ValidationError
-
-    from .config import ConfigError
+    from .config import section
     from .selection import scores_plan, write_selection
     from .selection import select as _select
 
-    try:
-        scfg = SelectionConfig(**settings)
-    except ValidationError as err:
-        raise ConfigError(str(err)) from None
+    scfg = section(SelectionConfig, "selection", **settings)
     plan = None
     if isinstance(scores, str):
         plan = scores_plan(scores)

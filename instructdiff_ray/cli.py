@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .config import ConfigError, RunConfig, load_config, parse_overrides
-from .selection import STRATEGIES
+from .strategies import STRATEGIES
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_MISMATCH, EXIT_LEASE = 0, 1, 2, 3, 4
 
@@ -69,6 +69,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         overrides += _fields(args.fields)
     if getattr(args, "actors", None):
         overrides += _actors(args.actors)
+    if getattr(args, "recompute", None):
+        overrides.append(("run.recompute", sorted(set(args.recompute))))
     overrides += parse_overrides(getattr(args, "set", None) or [])
     return load_config(config_path, overrides)
 
@@ -94,7 +96,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-tokens", type=int, help="padded tokens per forward batch")
     g.add_argument("--shard-rows", type=int)
     g.add_argument("--limit", type=int, help="use only the first N rows")
-    g.add_argument("--progress", choices=["auto", "on", "off"])
+    g.add_argument("--progress", choices=["auto", "on", "off", "ray"])
+    g.add_argument("--recompute", action="append", choices=["warmup", "scores"],
+                   help="in an existing run directory, redo this expensive stage when its settings changed (refused "
+                        "otherwise); warmup also rescores what was scored with it")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -147,7 +152,7 @@ def plan_summary(cfg: RunConfig) -> dict[str, Any]:
 def cmd_warmup(args: argparse.Namespace) -> int:
     from .corpus import load_plan
     from .pipeline import check_config
-    from .rundir import Lease
+    from .rundir import Lease, warmup_dir
     from .warmup import collect_samples, draw_rows, train_warmup
 
     cfg = config_from_args(args)
@@ -155,21 +160,19 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     with Lease(cfg.out, cfg.run.lease_ttl_s):
         shards = load_plan(cfg.data, cfg.out).shards
         samples = collect_samples(cfg, shards, ordinals=draw_rows(shards, cfg.warmup.alpha, cfg.warmup.count, cfg.warmup.seed))
-        result = train_warmup(cfg, samples, cfg.out)
+        result = train_warmup(cfg, samples, warmup_dir(cfg.out, 1))
     print(json.dumps(result.__dict__, indent=2))
     return EXIT_OK
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    from .config import SelectionConfig, check_out, section
+    from .selection import check_scores_finished, load_scores, scores_plan, select, write_selection
 
-    from .selection import SelectionConfig, load_scores, scores_plan, select, write_selection
-
-    try:
-        scfg = SelectionConfig(budget=args.budget, budget_unit=args.budget_unit, gamma=args.gamma,
-                               strategy=args.strategy, seed=args.seed, output_format=args.format, export=args.export)
-    except ValidationError as err:
-        raise ConfigError(str(err)) from None
+    scfg = section(SelectionConfig, "selection", budget=args.budget, budget_unit=args.budget_unit, gamma=args.gamma,
+                   strategy=args.strategy, seed=args.seed, output_format=args.format, export=args.export)
+    check_out(args.out, "--out")
+    check_scores_finished(args.scores, partial=args.partial)
     sel = select(load_scores(args.scores), scfg)
     paths = write_selection(sel, args.out, scfg.output_format, scfg.export, scores_plan(args.scores))
     print(json.dumps({"selected_rows": sel.stats["selected_rows"], **paths}, indent=2))
@@ -234,21 +237,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_run_report
+    from .rundir import check_run_dir
 
+    check_run_dir(args.run_dir)
     print(json.dumps(write_run_report(args.run_dir), indent=2))
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .report import run_status
+    from .rundir import check_run_dir
 
+    check_run_dir(args.run_dir)
     print(run_status(args.run_dir))
     return EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .report import inspect_run
+    from .rundir import check_run_dir
 
+    check_run_dir(args.run_dir)
     print(inspect_run(args.run_dir, n=args.n, round_k=args.round))
     return EXIT_OK
 
@@ -260,8 +269,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str]] = {
     "score": (cmd_score, "score every sample under base and warmup models into Parquet",
               "example:\n  instructdiff score --data ../shared/data/gsm8k_train.jsonl --base smollm2 \\\n"
               "      --warmup runs/x/round-1/warmup/adapter --out runs/scores --limit 500"),
-    "warmup": (cmd_warmup, "train only the warmup model (alpha draw) into --out",
-               "example:\n  instructdiff warmup --data train.jsonl --base smollm2 --out runs/warm --set warmup.alpha=0.1"),
+    "warmup": (cmd_warmup, "train only round 1's warmup model (alpha draw) into the run directory --out "
+                           "(OUT/round-1/warmup, which `run` with the same settings then reuses)",
+               "example:\n  instructdiff warmup --data examples/gsm8k_200.jsonl --base smollm2 --out runs/warm --set warmup.alpha=0.1"),
     "select": (cmd_select, "select from any directory of score Parquet files (no rescoring)",
                "example:\n  instructdiff select --scores runs/x/round-1/scores --out runs/sel20 --budget 0.2 --strategy instructdiff"),
     "demo": (cmd_demo, "run the whole job on SmolLM2-135M and HumanEval (installed from PyPI), on CPU",
@@ -296,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML run config")
                 p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no model")
             _common(p)
-            p.add_argument("--out", help="run directory (run), score directory (score) or warmup directory (warmup)")
+            p.add_argument("--out", help="run directory (run, warmup: its round-1/warmup) or scores directory (score)")
             if name != "warmup":
                 p.add_argument("--warmup", help="warmup model: peft adapter dir or full model dir (default: trained)")
         elif name == "select":
@@ -309,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--format", choices=["auto", "jsonl", "parquet", "json", "csv", "hf"], default="auto",
                            help="of the selected records; hf: a datasets directory (datasets.load_from_disk)")
+            p.add_argument("--partial", action="store_true",
+                           help="select from the finished shards of a scores directory whose scoring is not finished")
             p.add_argument("--export", choices=["auto", "always", "never"], default="auto",
                            help="write the selected records: auto when the corpus is reachable from here (else a "
                                 "warning), always (fail without it), never (ids, selection.parquet, stats only)")
@@ -322,12 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--eval-command", help="per model: a shell command; {model_dir} and {heldout} are replaced; "
                                                   "its last JSON-object line of stdout holds the metric")
             p.add_argument("--metric", help="key of the command's JSON to compare (default: its only number)")
-            p.add_argument("--progress", choices=["auto", "on", "off"])
+            p.add_argument("--progress", choices=["auto", "on", "off", "ray"])
             p.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. compare.train.epochs=2")
         elif name == "demo":
             p.add_argument("--out", default="runs/demo")
             p.add_argument("--limit", type=int, help="use only the first N tasks")
-            p.add_argument("--progress", choices=["auto", "on", "off"])
+            p.add_argument("--progress", choices=["auto", "on", "off", "ray"])
             p.add_argument("--set", action="append", metavar="KEY=VALUE")
         else:
             p.add_argument("run_dir")
@@ -336,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument("--round", type=int, help="round (default: last)")
         p.set_defaults(func=fn)
     return parser
+
+
+def unwrap_ray_error(err: BaseException) -> BaseException:
+    """The exception a Ray task raised, out of Ray's wrapping (RayTaskError and its subclasses)."""
+    try:
+        from ray.exceptions import RayTaskError
+    except ImportError:
+        return err
+    while isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), BaseException):
+        err = err.cause
+    return err
 
 
 MODEL_COMMANDS = ("run", "score", "warmup", "demo", "compare")  # they load models (torch) in this process
@@ -352,7 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     from .rundir import FingerprintMismatch, LeaseHeld
 
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except Exception as err:  # an error raised inside a Ray task: the user's error, not Ray's wrapping
+            cause = unwrap_ray_error(err)
+            if cause is err:
+                raise
+            if args.verbose:
+                logging.getLogger(__name__).debug("raised in a Ray task", exc_info=err)
+            raise cause from None
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .strategies import IFD_STRATEGIES, check_strategy
 
 
 class ConfigError(ValueError):
@@ -156,6 +158,11 @@ class SelectionConfig(_Strict):
     export: Literal["auto", "always", "never"] = Field(
         "auto", description="write the selected records: auto when the corpus is reachable (else warn), always, never")
 
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, name: str) -> str:
+        return check_strategy(name)
+
 
 class RunOptions(_Strict):
     """How the job guards its run directory."""
@@ -164,9 +171,16 @@ class RunOptions(_Strict):
         0.05, ge=0, le=1,
         description="fail (exit 1, after writing everything) when more of the rows end in error/template_error/nonfinite",
     )
+    max_invalid_fraction: float = Field(
+        0.05, ge=0, le=1,
+        description="fail (exit 1, after writing everything) when more of the rows are input that cannot become a "
+                    "sample: malformed JSON, invalid UTF-8, wrong types, missing fields, empty prompt or response")
     lease_ttl_s: float = Field(
         120.0, gt=0, description="a driver's lease on the run directory expires this long after its last heartbeat"
     )
+    recompute: list[Literal["warmup", "scores"]] = Field(
+        default_factory=list, description="expensive stages an existing run directory may redo when their settings "
+        "changed (refused otherwise): warmup (and the scores made with it), scores")
 
 
 class TrackingConfig(_Strict):
@@ -206,11 +220,8 @@ class CompareConfig(_Strict):
 
     @model_validator(mode="after")
     def _names(self) -> "CompareConfig":
-        from .selection import STRATEGIES
-
-        bad = [s for s in self.strategies if s not in STRATEGIES and s != "full"]
-        if bad:
-            raise ValueError(f"unknown strategies {bad}; choose from {sorted([*STRATEGIES, 'full'])}")
+        for s in self.strategies:
+            check_strategy(s, extra=("full",))
         if any(len(set(x)) != len(x) for x in (self.strategies, self.seeds, self.full_seeds or [])):
             raise ValueError("strategies and seeds must not repeat")
         return self
@@ -230,16 +241,12 @@ class RunConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     compare: CompareConfig | None = Field(None, description="after the rounds, compare strategies by fine-tuning "
                                                             "(compare.py); also `instructdiff compare RUN_DIR`")
-    progress: Literal["auto", "on", "off"] = "auto"
+    progress: Literal["auto", "on", "off", "ray"] = Field(
+        "auto", description="auto: progress lines on a terminal, sparse in logs; on; off; ray: also Ray Data's own "
+                            "progress bars and execution logs")
 
     @model_validator(mode="after")
-    def _strategy(self) -> "RunConfig":
-        from .selection import STRATEGIES
-
-        if self.selection.strategy not in STRATEGIES:
-            raise ValueError(f"selection.strategy {self.selection.strategy!r} not in {sorted(STRATEGIES)}")
-        from .selection import IFD_STRATEGIES
-
+    def _ifd(self) -> "RunConfig":
         wants_ifd = [s for s in (self.compare.strategies if self.compare else []) if s in IFD_STRATEGIES]
         if wants_ifd and not self.template.ifd:
             raise ValueError(f"compare.strategies {wants_ifd} need the extra pass: set template.ifd: true")
@@ -280,6 +287,55 @@ class RunConfig(_Strict):
         return max(1, (os.cpu_count() or 1) // self.ray.max_actors)
 
 
+# What changing a key does when a run directory already holds work made with the old value (README:
+# "Rerunning into a run directory"). The most specific entry applies. Kinds:
+#   reuse     no persisted stage depends on it: everything finished is reused
+#   select    the selection (records, stats, report) is made again, automatically, said in one line
+#   warmup    the warmup would change (and the scores made with it): refused, exit 3, unless --recompute warmup
+#   scores    the scores would change: refused, exit 3, unless --recompute scores
+#   compare   the compare units would not be comparable: refused, exit 3 (remove compare/ to compare afresh)
+#   extend    more work is added next to what is reused (more rounds, compare strategies or seeds)
+#   new       another run directory
+# A key that changes both the warmup and the scores is listed as warmup (its refusal comes first).
+RERUN: dict[str, str] = {
+    "out": "new",
+    "data": "warmup",  # the rows drawn for the warmup, the shard plan and the scores
+    "data.shard_rows": "scores",  # the shard plan (the warmup draw is by row, not by shard)
+    "data.id_field": "scores",  # sample ids; the warmup trains on contents, not ids
+    "data.format": "scores",  # recorded with the scores; the rows read are the same or the plan fails
+    "data.split": "scores",
+    "template": "warmup",
+    "model.base": "warmup",
+    "model.warmup": "scores",
+    "model.dtype": "warmup",
+    "model.device": "reuse",
+    "engine": "reuse",  # batch sizes, threads, memory settings: the same numbers
+    "engine.name": "scores",
+    "ray": "reuse",
+    "warmup": "warmup",
+    "selection": "select",
+    "rounds": "extend",
+    "run": "reuse",
+    "tracking": "reuse",
+    "compare": "compare",
+    "compare.strategies": "extend",
+    "compare.seeds": "extend",
+    "compare.full_seeds": "extend",
+    "compare.higher_is_better": "reuse",  # only how the table reads
+    "compare.train.seed": "reuse",  # each unit trains with its own seed (compare.seeds)
+    "progress": "reuse",
+}
+
+
+def rerun_effect(key: str) -> str:
+    """The RERUN kind of a dotted key (its most specific entry)."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in RERUN:
+            return RERUN[".".join(parts[:i])]
+    raise KeyError(f"{key} is not in config.RERUN")
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     parts = key.split(".")
@@ -291,14 +347,41 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
-    """`key.sub=value` strings; values are parsed as YAML so numbers and lists keep their type."""
+    """`key.sub=value` strings; values are parsed as YAML so numbers and lists keep their type
+    (but `on`, `off`, `yes`, `no` stay words: only `true` and `false` are booleans)."""
     out = []
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key.strip()}: cannot read {raw!r} as a value ({str(err).splitlines()[0]}); "
+                              "quote lists as in --set 'data.paths=[a.jsonl, b.jsonl]'") from None
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw.strip()
+        out.append((key.strip(), value))
     return out
+
+
+def _config_error(err: ValidationError, prefix: str = "") -> ConfigError:
+    """One line per problem, each naming its dotted key."""
+    lines = []
+    for e in err.errors():
+        where = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}" + (f" (got {e['input']!r})" if "input" in e and e["type"] not in ("missing", "value_error") else ""))
+    return ConfigError(lines[0] if len(lines) == 1 else "invalid configuration:\n" + "\n".join(f"  {x}" for x in lines))
+
+
+def section(cls: type[_Strict], name: str, **values: Any) -> Any:
+    """A config section built on its own (the `select` command, the API's select), validated as in
+    a RunConfig: the same messages, the same ConfigError."""
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        raise _config_error(err, name) from None
 
 
 def build_config(tree: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> RunConfig:
@@ -309,13 +392,15 @@ def build_config(tree: dict[str, Any], overrides: list[tuple[str, Any]] = ()) ->
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"  {where}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and e["type"] != "missing" else ""))
-        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+        raise _config_error(err) from None
     check_inputs(cfg)
     return cfg
+
+
+def check_out(out: str, name: str = "out") -> None:
+    """An output directory must not be an existing file (checked before anything starts)."""
+    if "://" not in out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"{name}: {out} is a file, not a directory; choose a directory for the output")
 
 
 def load_config(path: str | None, overrides: list[tuple[str, Any]] = ()) -> RunConfig:
@@ -333,6 +418,7 @@ def load_config(path: str | None, overrides: list[tuple[str, Any]] = ()) -> RunC
 def check_inputs(cfg: RunConfig) -> None:
     """Cheap existence checks on local inputs so missing files fail before Ray or models start
     (models are checked by pipeline.check_config, which knows Hub ids and object stores)."""
+    check_out(cfg.out)
     for p in cfg.data.paths:
         if "://" not in p and not Path(p).exists():
             raise ConfigError(f"data.paths: {p} does not exist")

@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import rundir
 from .config import ConfigError, RunConfig
-from .corpus import Plan, Shard, list_files, load_plan, read_units
+from .corpus import INVALID_STATUSES, Plan, Shard, list_files, load_plan, read_units
 from .progress import Progress
-from .rundir import FingerprintMismatch, LeaseHeld, join, round_dir
+from .rundir import FingerprintMismatch, LeaseHeld
 from .runtime import code_version, environment, gpus_per_actor, init_ray
-from .scoring import ERROR_STATUSES, ScoreActor, tokenize_unit, write_shard
+from .scoring import ERROR_STATUSES, QUARANTINE_STATUSES, ScoreActor, tokenize_unit, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +78,31 @@ def fingerprint(
     }
 
 
-def prepare_out_dir(out_dir: str, fp: dict[str, Any], shards: list[Shard]) -> list[Shard]:
-    """Write or check the manifest; return the shards that still need work."""
-    rundir.check_or_write_manifest(out_dir, fp, [s.to_dict() for s in shards], environment())
+def prepare_out_dir(out_dir: str, fp: dict[str, Any], shards: list[Shard], recompute: bool = False,
+                    note=None) -> list[Shard]:
+    """Write or check the manifest (a different one is refused, or with `recompute` cleared);
+    return the shards that still need work: those without a marker, and those whose rows
+    ended in `error` (a fault while scoring, e.g. out of memory), which are scored again."""
+    rundir.check_or_write_manifest(out_dir, fp, [s.to_dict() for s in shards], environment(), recompute=recompute)
     done = rundir.finished_markers(out_dir)
-    return [s for s in shards if s.shard_id not in done]
+    retry = rundir.error_shards(done)
+    if retry:
+        msg = (f"scoring again {sum(retry.values())} rows that ended in error (in {len(retry)} shards); "
+               "rows whose input is at fault (too_long, template_error, malformed) are kept as they are")
+        log.info(msg)
+        if note:
+            note(msg)
+        rundir.unmark_shards(out_dir, sorted(retry))
+    return [s for s in shards if s.shard_id not in done or s.shard_id in retry]
 
 
 def score_corpus(
     cfg: RunConfig, out_dir: str, warmup: str | None = None, base_scores_dir: str | None = None,
-    label: str = "score", plan: Plan | None = None,
+    label: str = "score", plan: Plan | None = None, recompute: bool = False,
 ) -> ScoreSummary:
     """Score the corpus into `out_dir` on Ray Data, resuming from any finished shards; `plan` is
-    the run directory's (else the one stored in `out_dir`, made if absent).
+    the run directory's (else the one stored in `out_dir`, made if absent). Scores made with a
+    different fingerprint are refused, unless `recompute` (or run.recompute names scores).
 
     The caller holds the run directory's lease. Raises TooManyErrors after everything is
     written when more rows failed than `run.max_error_fraction` allows."""
@@ -104,8 +117,8 @@ def score_corpus(
     plan = plan or load_plan(cfg.data, out_dir)
     shards = plan.shards
     fp = fingerprint(cfg, plan, base, warmup, base_scores_dir)
-    pending = prepare_out_dir(out_dir, fp, shards)
     progress = Progress(label, sum(s.n_rows for s in shards), cfg.progress)
+    pending = prepare_out_dir(out_dir, fp, shards, recompute or "scores" in cfg.run.recompute, progress.note)
     todo = {s.shard_id for s in pending}
     progress.update(sum(s.n_rows for s in shards if s.shard_id not in todo))
     if len(pending) < len(shards):
@@ -130,22 +143,26 @@ def score_corpus(
                        pool.gpus_per_actor if pool.gpus_per_actor is not None else gpus_per_actor(cfg))
                       if pools else ("all", cfg.ray.min_actors, cfg.ray.max_actors, gpus_per_actor(cfg)))
         for stage, lo, hi, gpus in stages:  # pools: a shard flows through the base pool, then the warmup pool
-            ds = ds.map_batches(
-                ScoreActor,
-                batch_format="pyarrow",
-                fn_constructor_kwargs={"cfg": cfg, "base": base, "warmup": warmup, "base_scores_dir": base_scores_dir,
-                                       "stage": stage},
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-                num_cpus=cfg.ray.cpus_per_actor,
-                num_gpus=gpus,
-                max_restarts=cfg.ray.max_restarts,
-                max_task_retries=cfg.ray.max_task_retries,
-            )
+            with warnings.catch_warnings():
+                # Ray 2.60 has no named parameter for an actor's restarts yet; its warning says to use one
+                warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+                ds = ds.map_batches(
+                    ScoreActor,
+                    batch_format="pyarrow",
+                    fn_constructor_kwargs={"cfg": cfg, "base": base, "warmup": warmup, "base_scores_dir": base_scores_dir,
+                                           "stage": stage},
+                    batch_size=1,
+                    compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                    num_cpus=cfg.ray.cpus_per_actor,
+                    num_gpus=gpus,
+                    max_restarts=cfg.ray.max_restarts,
+                    max_task_retries=cfg.ray.max_task_retries,
+                )
         ds = ds.map(write_shard, fn_kwargs={"out_dir": out_dir}, num_cpus=cfg.ray.tokenize_cpus)
         try:
-            for marker in ds.iter_rows():
-                progress.update(int(marker["rows"]), int(marker["tokens"]), f"{rundir.shard_name(int(marker['shard_id']))}")
+            with progress:
+                for marker in ds.iter_rows():
+                    progress.update(int(marker["rows"]), int(marker["tokens"]), rundir.shard_name(int(marker["shard_id"])))
         except RayError as err:
             done = len(rundir.finished_markers(out_dir))
             raise RuntimeError(
@@ -155,20 +172,62 @@ def score_corpus(
         finally:
             ctx.target_max_block_size = block_size
     summary = summarize(out_dir, shards, len(shards) - len(pending), time.monotonic() - t0)
+    progress.note(row_account(summary))
     note = length_note(summary, cfg.template.max_length)
     if note:
         log.warning(note)
         progress.note(note)
     check_error_fraction(summary, cfg.run.max_error_fraction, out_dir)
+    check_invalid_fraction(summary, cfg.run.max_invalid_fraction, out_dir)
     return summary
 
 
-def select_round(cfg: RunConfig, scores_dir: str, sel_dir: str, shards: list[Shard]) -> tuple[dict[str, str], dict[str, Any]]:
+def selection_fingerprint(cfg: RunConfig, summary: ScoreSummary) -> dict[str, Any]:
+    """What a round's selection is made from: its settings and the scores it reads (every
+    shard's marker: a rescored shard is a new marker)."""
+    return {"selection": cfg.selection.model_dump(mode="json"), "scores": rundir.digest(summary.markers)}
+
+
+def select_round(cfg: RunConfig, scores_dir: str, sel_dir: str, shards: list[Shard],
+                 fp: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     """One round's selection, written and committed (run as a task: it reads every score row)."""
     from .selection import load_scores, select, write_selection
 
     sel = select(load_scores(scores_dir), cfg.selection)
-    return write_selection(sel, sel_dir, cfg.selection.output_format, cfg.selection.export, shards), sel.stats
+    return write_selection(sel, sel_dir, cfg.selection.output_format, cfg.selection.export, shards, fp), sel.stats
+
+
+def stale_what(keys: list[str]) -> str:
+    """'settings (selection.budget)' / 'scores' for a stale selection's differing keys."""
+    settings = [k for k in keys if k.startswith("selection")]
+    parts = [f"settings ({', '.join(settings)})"] if settings else []
+    return " and ".join(parts + (["scores"] if "scores" in keys else [])) or "settings"
+
+
+def row_account(summary: ScoreSummary) -> str:
+    """One line: rows per status, the most frequent reasons, and where the unreadable raw lines are."""
+    counts = sorted(summary.status_counts.items(), key=lambda kv: (kv[0] != "ok", -kv[1]))
+    line = f"{summary.rows} rows: " + ", ".join(f"{n} {status}" for status, n in counts)
+    reasons: dict[str, int] = {}
+    for m in summary.markers:
+        for reason, n in m.get("reasons", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    if reasons:
+        top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+        line += "; most frequent: " + "; ".join(f"{' '.join(r.split())[:80]} ({n})" for r, n in top)
+    if any(summary.status_counts.get(s) for s in QUARANTINE_STATUSES):
+        line += f"; raw lines in {rundir.join(summary.out_dir, rundir.QUARANTINE_DIR)}/"
+    return line
+
+
+def check_invalid_fraction(summary: ScoreSummary, limit: float, out_dir: str) -> None:
+    bad = {k: v for k, v in summary.status_counts.items() if k in INVALID_STATUSES}
+    n = sum(bad.values())
+    if summary.rows and n / summary.rows > limit:
+        raise TooManyErrors(
+            f"{n} of {summary.rows} rows ({100 * n / summary.rows:.1f}%) are not usable input ({bad}), more than "
+            f"run.max_invalid_fraction={limit}; every row's status and reason is in {out_dir} (raw lines of unreadable "
+            f"ones in {rundir.join(out_dir, rundir.QUARANTINE_DIR)}/); fix the input or raise the limit, then rerun")
 
 
 def check_error_fraction(summary: ScoreSummary, limit: float, out_dir: str) -> None:
@@ -371,13 +430,13 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
     from .warmup import collect_samples, draw_rows, train_warmup
 
     t0 = time.monotonic()
+    Progress("run", 1, cfg.progress).note(f"run directory {cfg.out}; from another terminal: instructdiff status {cfg.out}")
     rundir.record_invocation(cfg.out, cfg.model_dump(mode="json"), environment())
     plan = load_plan(cfg.data, cfg.out)
     shards = plan.shards
     rounds: list[dict[str, Any]] = []
     train_rows: dict[str, set[int]] | None = None
     for k in range(1, cfg.rounds + 1):
-        rdir = round_dir(cfg.out, k)
         timings: dict[str, float] = {}
         t = time.monotonic()
         if k == 1 and cfg.model.warmup:
@@ -390,20 +449,25 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
                 samples = collect_samples(cfg, shards, rows=train_rows)
             progress = Progress(f"warmup r{k}", 1, cfg.progress)
             progress.note(f"training on {len(samples)} samples ({cfg.warmup.method})")
-            result = train_warmup(cfg, samples, join(rdir, "warmup"))
+            result = train_warmup(cfg, samples, rundir.warmup_dir(cfg.out, k))
             warm_model, warm_info = result.scoring_model, result.__dict__
         timings["warmup_s"] = time.monotonic() - t
         lease.check()
         t = time.monotonic()
-        base_from = join(round_dir(cfg.out, 1), "scores") if k > 1 else None
-        summary = score_corpus(cfg, join(rdir, "scores"), warm_model, base_from, f"score r{k}", plan)
+        base_from = rundir.scores_dir(cfg.out, 1) if k > 1 else None
+        retrained = "warmup" in cfg.run.recompute and not (k == 1 and cfg.model.warmup)  # its scores may be redone too
+        summary = score_corpus(cfg, rundir.scores_dir(cfg.out, k), warm_model, base_from, f"score r{k}", plan, recompute=retrained)
         timings["score_s"] = time.monotonic() - t
         lease.check()
         t = time.monotonic()
-        sel_dir = join(rdir, "selection")
-        commit = rundir.committed_selection(sel_dir)
-        if commit is None:  # on the cluster: the driver never holds the N score rows
-            paths, stats = remote_call(select_round, cfg, join(rdir, "scores"), sel_dir, shards)
+        sel_dir = rundir.selection_dir(cfg.out, k)
+        sel_fp = selection_fingerprint(cfg, summary)
+        commit = rundir.committed_selection(sel_dir, sel_fp)
+        if commit is None or commit.get("stale"):  # on the cluster: the driver never holds the N score rows
+            if commit:
+                Progress(f"select r{k}", 1, cfg.progress).note(
+                    f"selecting again: the selection in {sel_dir} was made with other {stale_what(commit['stale'])}")
+            paths, stats = remote_call(select_round, cfg, rundir.scores_dir(cfg.out, k), sel_dir, shards, sel_fp)
         else:
             paths, stats = commit["paths"], rundir.read_json(commit["paths"]["stats"])
         timings["select_s"] = time.monotonic() - t

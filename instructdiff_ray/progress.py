@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 from .runtime import progress_enabled
@@ -22,13 +23,30 @@ class Progress:
         self.quiet_every = quiet_every
         self.done = self.tokens = 0
         self.start = self.last = time.monotonic()
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "Progress":
+        """While inside, a line at least every `quiet_every` seconds even when nothing finished
+        (a shard of long rows can take minutes)."""
+        if not self.off:
+            threading.Thread(target=self._tick, name=f"progress-{self.label}", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(max(1.0, self.quiet_every - (time.monotonic() - self.last))):
+            if time.monotonic() - self.last >= self.quiet_every and self.done < self.total:
+                self.update(0, extra="working")
 
     def update(self, rows: int, tokens: int = 0, extra: str = "") -> None:
         self.done += rows
         self.tokens += tokens
         now = time.monotonic()
         final = self.done >= self.total
-        if self.off or not (self.tty or final or now - self.last >= self.quiet_every):
+        due = now - self.last >= self.quiet_every
+        if self.off or not ((self.tty and rows) or final or due):
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)

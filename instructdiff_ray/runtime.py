@@ -21,7 +21,14 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def progress_enabled(mode: str) -> bool:
-    return mode == "on" or (mode == "auto" and sys.stderr.isatty())
+    return mode in ("on", "ray") or (mode == "auto" and sys.stderr.isatty())
+
+
+class _NoBarHint(logging.Filter):
+    """Drops Ray Data's hint that its progress bars are off: they are off on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Progress bars disabled" not in record.getMessage()
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -32,7 +39,7 @@ def init_ray(cfg: RunConfig) -> None:
         check_paths_for_cluster(cfg)
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    quiet = not progress_enabled(cfg.progress)
+    ray_bars = cfg.progress == "ray"
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
@@ -47,10 +54,15 @@ def init_ray(cfg: RunConfig) -> None:
     check_paths_for_cluster(cfg)
     from ray.data import DataContext
 
+    # The job prints its own progress lines (progress.py); Ray Data's bars and execution logs
+    # (hundreds of lines per stage) only with progress: ray.
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = not quiet
-    if quiet:
+    ctx.enable_progress_bars = ray_bars
+    ctx.print_on_execution_start = ray_bars
+    ctx.enable_auto_log_stats = False
+    if not ray_bars:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").addFilter(_NoBarHint())
 
 
 def cluster_offers_gpus() -> bool:

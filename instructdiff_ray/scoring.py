@@ -306,12 +306,15 @@ def write_shard(row: dict[str, Any], out_dir: str) -> dict[str, Any]:
     shard_id = int(row["shard_id"])
     data = pickle.loads(row["payload"])
     table: pa.Table = data["table"]
-    statuses = Counter(table.column("status").to_pylist())
+    status = table.column("status").to_pylist()
+    statuses = Counter(status)
+    reasons = Counter(f"{s}: {r}" for s, r in zip(status, table.column("reason").to_pylist()) if s != "ok")
     n_resp = int(np.sum(table.column("n_response_tokens").to_numpy()))
     marker = {
         "shard_id": shard_id,
         "rows": table.num_rows,
         "status_counts": dict(statuses),
+        "reasons": dict(reasons.most_common(5)),  # the shard's most frequent ones, for the run's account
         "tokens": int(np.sum(table.column("n_prompt_tokens").to_numpy())) + n_resp,
         "response_tokens": n_resp,
         "finished_at": time.time(),

@@ -24,27 +24,10 @@ from . import rundir
 from .config import SelectionConfig
 from .corpus import Shard
 from .faults import kill_point
+from .strategies import BASE_SCORE_STRATEGIES, FILTERED_STRATEGIES, IFD_STRATEGIES, STRATEGIES
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = {
-    "instructdiff": "NLL two-tailed filter, then lowest signed ΔH first (the method)",
-    "middle_dh": "NLL filter, then the ΔH window around the median",
-    "highest_dh": "NLL filter, then highest ΔH first",
-    "random": "uniform random rows (seeded), no filter",
-    "ppl_min": "lowest base-model perplexity first, no filter",
-    "ppl_max": "highest base-model perplexity first, no filter",
-    "entropy_min": "lowest base-model entropy first, no filter",
-    "entropy_max": "highest base-model entropy first, no filter",
-    "longest": "most response tokens first (the length baseline), no filter",
-    "ifd_loss": "highest IFD = NLL(response | prompt) / NLL(response alone) first, IFD >= 1 dropped (Cherry-LLM, "
-                "Data-Juicer); needs template.ifd",
-    "ifd_ppl": "highest IFD = PPL(response | prompt) / PPL(response alone) first, IFD >= 1 dropped (Superfiltering); "
-               "needs template.ifd",
-}
-IFD_STRATEGIES = ("ifd_loss", "ifd_ppl")
-FILTERED_STRATEGIES = ("instructdiff", "middle_dh", "highest_dh")  # NLL filter first; need ΔNLL and ΔH
-BASE_SCORE_STRATEGIES = ("ppl_min", "ppl_max", "entropy_min", "entropy_max")  # rank by a base-model score
 SCORE_COLUMNS = ["sample_id", "source_file", "source_row", "n_response_tokens", "base_nll", "base_entropy",
                  "delta_nll", "delta_entropy", "status"]
 QUANTILES = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
@@ -62,6 +45,30 @@ class Selection:
     def scored(self) -> pa.Table:
         """The ok, deduplicated rows the selection was made from, in sample_id order."""
         return self.source.take(self.scored_idx)
+
+
+def check_scores_finished(scores_dir: str, partial: bool = False) -> None:
+    """Refuse to select from a scores directory whose scoring has not finished (a selection from
+    some of the rows would look like a selection from all of them), unless `partial`."""
+    from .config import ConfigError
+
+    if not rundir.exists(scores_dir):
+        raise ConfigError(f"--scores: {scores_dir} does not exist")
+    if not rundir.is_scores_dir(scores_dir):
+        if not rundir.score_files(scores_dir):
+            raise ConfigError(f"--scores: {scores_dir} holds no score files (*.parquet); point it at a round's "
+                              "scores directory, e.g. RUN/round-1/scores")
+        return  # score files from elsewhere, without a plan: all there is
+    planned = {d["shard_id"]: d["n_rows"] for d in rundir.read_manifest(scores_dir)["plan"]}
+    done = rundir.finished_markers(scores_dir)
+    missing = [sid for sid in planned if sid not in done]
+    if missing and not partial:
+        rows = sum(planned[s] for s in missing)
+        raise ConfigError(f"--scores: scoring of {scores_dir} is not finished ({len(missing)} of {len(planned)} shards, "
+                          f"{rows} rows, have no output yet); wait for it or rerun it to the end, or pass --partial to "
+                          "select from the finished shards only")
+    if missing:
+        log.warning("selecting from %d of %d shards (--partial)", len(planned) - len(missing), len(planned))
 
 
 def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
@@ -251,7 +258,7 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
 
 
 def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", export: str = "auto",
-                    plan: list[Shard] | None = None) -> dict[str, str]:
+                    plan: list[Shard] | None = None, fingerprint: dict[str, Any] | None = None) -> dict[str, str]:
     """selected_ids.txt, selection.parquet (scores + rank), stats.json and the user's records
     (export.py), each written atomically, then the commit marker that makes the selection count.
 
@@ -265,7 +272,10 @@ def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", e
     if missing and export == "always":
         raise SourceMissing(f"cannot export the selected records: {len(missing)} source files are not reachable "
                             f"from here (first: {missing[0]}); use --export never to write ids and scores only")
+    previous = rundir.committed_selection(out_dir)
     rundir.clear_dir(rundir.join(out_dir, rundir.SELECTION_COMMIT))  # a rewrite is uncommitted until it finishes
+    if previous and previous.get("paths", {}).get("data"):  # records of another format must not linger beside the new ones
+        rundir.clear_dir(previous["paths"]["data"])
     paths = rundir.selection_paths(out_dir)
     rundir.write_bytes(paths["ids"], "".join(f"{sid}\n" for sid in sel.rows.column("sample_id").to_pylist()).encode())
     rundir.write_parquet(paths["scores"], sel.rows)
@@ -279,7 +289,7 @@ def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", e
                     len(missing), missing[0])
     else:
         paths["data"], _ = export_selection(sel.rows, plan, out_dir, choose_format(sources, output_format))
-    rundir.commit_selection(out_dir, paths, sel.stats)
+    rundir.commit_selection(out_dir, paths, sel.stats, fingerprint)
     return paths
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import rundir
-from .config import DataConfig, RunConfig
+from .config import ConfigError, DataConfig, RunConfig
 from .corpus import Sample, Shard, iter_unit, normalize_rows, read_units, rows_by_shard, samples_digest
 
 
@@ -293,6 +293,17 @@ def warmup_fingerprint(cfg: RunConfig, base: str, samples: list[Sample]) -> dict
     }
 
 
+def check_warmup_size(cfg: RunConfig, n_samples: int) -> None:
+    """Refuse, before anything is touched, a draw that cannot fill one optimizer step."""
+    w = cfg.warmup
+    global_batch = w.batch_size * w.num_workers * w.grad_accum
+    if n_samples < global_batch:
+        raise ConfigError(
+            f"the warmup has {n_samples} usable samples, fewer than one global batch of {global_batch} (warmup.batch_size "
+            f"{w.batch_size} x num_workers {w.num_workers} x grad_accum {w.grad_accum}); lower warmup.batch_size or "
+            "raise warmup.alpha / warmup.count")
+
+
 def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
                  on_step: Callable[[dict[str, Any]], None] | None = None, in_process: bool = False) -> WarmupResult:
     """Train π_w from the base on `samples` into `out_dir`.
@@ -305,11 +316,12 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
     from .models import pin
 
     base = pin(cfg.model.base)
+    check_warmup_size(cfg, len(samples))
     fp = warmup_fingerprint(cfg, base, samples)
-    stamp = rundir.check_warmup_stamp(out_dir, fp)
+    stamp = rundir.check_warmup_stamp(out_dir, fp, recompute="warmup" in cfg.run.recompute)
     if stamp is not None:
         return WarmupResult(**stamp["result"])
-    rundir.clear_dir(out_dir)
+    rundir.clear_dir(out_dir)  # the warmup stage's own directory, never the run directory
     spec = {"cfg": cfg, "base": base, "samples": samples, "out_dir": out_dir, "on_step": on_step}
     if cfg.warmup.num_workers > 1:
         stats = _train_with_ray(spec, cfg)

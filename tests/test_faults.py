@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import kill_processes_mentioning, make_config
+from instructdiff_ray.cli import main
 from instructdiff_ray.pipeline import score_corpus, score_job
 from instructdiff_ray.scoring import SCHEMA
 
@@ -176,6 +177,16 @@ def test_a_row_that_fails_alone_is_the_only_error(tmp_path, reference, ray_local
     ok = [i for i in range(40) if i != 17]
     for col in SCORE_COLS:
         np.testing.assert_allclose(np.array(got[col], dtype=float)[ok], np.array(reference[col][:40])[ok], atol=1e-6, rtol=0)
+    # the fault is gone: a rerun scores the failed row's shard again, and only it
+    arm_fault("")
+    markers = {p.name: p.read_text() for p in (Path(cfg.out) / "_done").glob("*.json")}
+    again = score_corpus(cfg, cfg.out, warmup=str(tiny_lora))
+    assert again.status_counts == {"ok": 40} and again.shards_skipped == 3
+    changed = [p.name for p in (Path(cfg.out) / "_done").glob("*.json") if p.read_text() != markers[p.name]]
+    assert changed == ["shard-00000001.json"]
+    got = _table(cfg.out)
+    for col in SCORE_COLS:
+        np.testing.assert_allclose(got[col], reference[col][:40], atol=1e-6, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +303,7 @@ def test_fuzzed_corpus_every_row_accounted(tmp_path, ray_local, tiny_model, tiny
     data = tmp_path / "fuzz.jsonl"
     expected = _fuzz_corpus(data)
     cfg = make_config(tmp_path, [data], tiny_model, data={"shard_rows": 100, "id_field": "id", "preset": "alpaca"},
-                      template={"max_length": 256})
+                      template={"max_length": 256}, run={"max_invalid_fraction": 1.0})
     summary = score_corpus(cfg, cfg.out, warmup=str(tiny_lora))
     assert summary.status_counts == dict(sorted(expected.items()))
     assert summary.rows == sum(expected.values())
@@ -305,6 +316,23 @@ def test_fuzzed_corpus_every_row_accounted(tmp_path, ray_local, tiny_model, tiny
     assert quarantined == expected["malformed_json"] + expected["invalid_utf8"]
     sel = select(load_scores(cfg.out), SelectionConfig())
     assert sel.stats["duplicates_dropped"] == 100 and sel.stats["rows_scored"] == 300
+
+
+def test_bad_input_is_accounted_for_and_limited(tmp_path, ray_local, tiny_model, tiny_lora, gsm8k, capsys):
+    """15 rows, 2 malformed and 1 of another shape: one line says so, and 20% bad input is over the limit."""
+    lines = Path(gsm8k).read_text().splitlines()[:12]
+    lines[3:3] = ['{"question": "broken', '{"question": "no answer here"}', "not json at all"]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    args = ["score", "--data", str(data), "--base", str(tiny_model), "--warmup", str(tiny_lora), "--threads", "1",
+            "--progress", "on", "--out"]
+    assert main(args + [str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    account = next(line for line in err.splitlines() if "15 rows:" in line)
+    assert "15 rows: 12 ok, 2 malformed_json, 1 unknown_shape; most frequent: " in account and "_quarantine/" in account
+    assert "3 of 15 rows (20.0%) are not usable input" in err and "run.max_invalid_fraction=0.05" in err
+    assert len(list((tmp_path / "a" / "_done").glob("*.json"))) == 1  # everything was written first
+    assert main(args + [str(tmp_path / "b"), "--set", "run.max_invalid_fraction=0.25"]) == 0
 
 
 def test_s3_corpus_and_run_dir_with_resume(s3, reference, tmp_path, ray_local, tiny_model, tiny_lora, gsm8k):

@@ -57,6 +57,62 @@ def test_two_rounds_reuse_base_scores_and_change_the_selection(two_rounds):
     assert stats["rows_total"] == 1000 and stats["trimmed_per_tail"] == 100
 
 
+@pytest.fixture
+def rerun_dir(two_rounds, tmp_path):
+    """A copy of the finished two-round run (with its config), to rerun with other settings."""
+    import shutil
+
+    shutil.copytree(two_rounds, tmp_path / "run")
+    config = yaml.safe_load((two_rounds.parent / "job.yaml").read_text()) | {"out": str(tmp_path / "run")}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def test_rerun_with_another_selection_setting_selects_again(rerun_dir, capsys):
+    """Selection is cheap: a changed budget selects again (one line says so); the round-2 warmup
+    it feeds was trained on the old pick and is refused (exit 3) unless --recompute warmup."""
+    run, job = rerun_dir / "run", str(rerun_dir / "job.yaml")
+    stats = lambda k: json.loads((run / f"round-{k}" / "selection" / "stats.json").read_text())  # noqa: E731
+    before = stats(1)
+    assert before["budget"]["beta"] == 0.1
+    assert main(["run", job, "--set", "selection.budget=0.1", "--set", "rounds=1"]) == 0  # unchanged: reused
+    assert stats(1) == before
+    assert main(["run", job, "--set", "selection.budget=0.3", "--set", "rounds=1", "--set", "progress=on"]) == 0
+    err = capsys.readouterr().err
+    assert "selecting again" in err and "selection.budget" in err
+    after = stats(1)
+    assert after["budget"]["beta"] == 0.3 and after["selected_rows"] > before["selected_rows"]
+    ids = (run / "round-1" / "selection" / "selected_ids.txt").read_text().split()
+    assert len(ids) == after["selected_rows"] == len((run / "round-1" / "selection" / "selected.jsonl").read_text().splitlines())
+    assert json.loads((run / "_run_summary.json").read_text())["rounds"][-1]["selection"]["budget"]["beta"] == 0.3
+    warm = (run / "round-2" / "warmup" / "_WARMUP_DONE.json").read_text()
+    assert main(["run", job, "--set", "selection.budget=0.3"]) == 3  # round 2's warmup was trained on the 0.1 pick
+    err = capsys.readouterr().err
+    assert "round-2/warmup" in err and "rows" in err and "--recompute warmup" in err
+    assert (run / "round-2" / "warmup" / "_WARMUP_DONE.json").read_text() == warm  # refused: nothing touched
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_warmup_command_on_a_run_directory_writes_only_its_stage(rerun_dir, capsys):
+    run = rerun_dir / "run"
+    before = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.name != "_run_config.json")
+    config = yaml.safe_load((rerun_dir / "job.yaml").read_text())
+    args = ["warmup", "--data", *config["data"]["paths"], "--limit", "1000", "--shard-rows", "250", "--base",
+            config["model"]["base"], "--out", str(run), "--threads", "1", "--progress", "off"]
+    # too few rows for one optimizer step: refused before anything is touched
+    assert main(args + ["--set", "warmup.count=4", "--set", "warmup.batch_size=8", "--set", "warmup.max_steps=6",
+                        "--set", "warmup.learning_rate=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than one global batch of 8" in err and len(err.strip().splitlines()) == 1
+    # the same settings as the run: round 1's warmup is reused, nothing else is written
+    sets = [f"warmup.{k}={v}" for k, v in config["warmup"].items()]
+    assert main(args + [x for kv in sets for x in ("--set", kv)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["out_dir"].endswith("round-1/warmup")
+    after = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.name != "_run_config.json")
+    assert after == before
+
+
 def test_selected_rows_keep_the_users_fields(two_rounds):
     lines = (two_rounds / "round-2" / "selection" / "selected.jsonl").read_text().splitlines()
     ids = (two_rounds / "round-2" / "selection" / "selected_ids.txt").read_text().split()
