@@ -218,8 +218,10 @@ def run_unit(cfg: RunConfig, unit: str, udir: str, samples: list[Sample] | None,
              info: dict[str, Any]) -> dict[str, Any]:
     """Train (unless `samples` is None: the base model), evaluate, then write the unit's marker."""
     from .models import pin, resolve_model
+    from .runtime import quiet_libraries
     from .warmup import step_printer, train_warmup
 
+    quiet_libraries(cfg.progress)
     t0 = time.monotonic()
     train = None
     if samples is None:

@@ -36,7 +36,7 @@ class Progress:
         self._stop.set()
 
     def _tick(self) -> None:
-        while not self._stop.wait(max(1.0, self.quiet_every - (time.monotonic() - self.last))):
+        while not self._stop.wait(max(0.05, self.quiet_every - (time.monotonic() - self.last))):
             if time.monotonic() - self.last >= self.quiet_every and self.done < self.total:
                 self.update(0, extra="working")
 
@@ -51,11 +51,11 @@ class Progress:
         self.last = now
         elapsed = max(now - self.start, 1e-9)
         rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 and not final else 0.0
+        eta = "0s" if final else (f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "?")
         line = (
             f"[{self.label}] {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)  "
             + (f"{rate:.1f} rows/s  {self.tokens / elapsed:.0f} tok/s  " if self.unit == "rows" else "")
-            + f"elapsed {elapsed:.0f}s  eta {eta:.0f}s"
+            + f"elapsed {elapsed:.0f}s  eta {eta}"
         )
         print(line + (f"  {extra}" if extra else ""), file=sys.stderr, flush=True)
 

@@ -5,14 +5,31 @@ from __future__ import annotations
 from . import rundir
 
 
+CAPTIONS = {
+    "delta_entropy_hist": "ΔH per row (base entropy minus warmup entropy, nats per response token), grey for every "
+                          "scored row, red for the selected ones. The method takes rows from the lowest ΔH up until "
+                          "the budget is filled; gaps in the red are rows the ΔNLL filter removed first.",
+    "delta_nll_hist": "ΔNLL per row (base NLL minus warmup NLL). The shaded tails are the rows trimmed before ranking "
+                      "(γ per tail): outliers the warmup learned far more or less than the rest.",
+    "dh_vs_dnll": "Every scored row by ΔNLL (x) and ΔH (y); the colour is how many rows fall in a cell (log scale, a "
+                  "single row is visible), red dots are the selected rows. They sit low in ΔH and inside the kept "
+                  "ΔNLL range.",
+    "response_length": "Response length in tokens, all scored rows against the selected ones (each normalised). A "
+                       "selected curve far to one side means the budget favours short or long responses.",
+    "per_source": "Rows scored and selected per input file: a file with few selected rows contributes little.",
+    "warmup_loss": "Loss on the response tokens of the warmup rows, per optimizer step: it should fall.",
+}
+
+
 def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict[str, bytes]:
-    """The per-round figures as PNG bytes, keyed by name."""
+    """The per-round figures as PNG bytes, keyed by name (CAPTIONS says what each shows)."""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     ok = scores.filter_ok
@@ -53,10 +70,14 @@ def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict
     ax.set_title("ΔNLL distribution and the two trimmed tails")
     save("delta_nll_hist", fig)
 
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
     if len(dh):
-        ax.hexbin(dnll, dh, gridsize=40, cmap="Greys", mincnt=1)
-        ax.scatter(dnll[chosen], dh[chosen], s=6, color="#d9534f", label="selected")
+        cells = ax.hexbin(dnll, dh, gridsize=40, cmap="viridis", mincnt=1, bins="log")  # 1 row: dark, not white
+        bar = fig.colorbar(cells, ax=ax, label="rows per cell (log scale)")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        bar.ax.yaxis.set_major_formatter(plain)
+        bar.ax.yaxis.set_minor_formatter(plain)
+        ax.scatter(dnll[chosen], dh[chosen], s=14, color="#ff4d4d", edgecolors="white", linewidths=0.5, label="selected")
         ax.legend()
     ax.set_xlabel("ΔNLL")
     ax.set_ylabel("ΔH")
@@ -74,18 +95,20 @@ def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict
     ax.set_title("Response length: all vs selected")
     save("response_length", fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
     names = sorted(set(src))
-    short = [n.rsplit("/", 1)[-1][:30] for n in names]
-    all_n = [int(np.sum(src == n)) for n in names]
-    sel_n = [int(np.sum((src == n) & chosen)) for n in names]
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, all_n, 0.4, label="scored")
-    ax.bar(x + 0.2, sel_n, 0.4, label="selected")
-    ax.set_xticks(x, short, rotation=20, ha="right")
-    ax.set_title("Per-source breakdown")
-    ax.legend()
-    save("per_source", fig)
+    if len(names) > 1:  # one source: nothing to break down
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        short = [n.rsplit("/", 1)[-1][:30] for n in names]
+        all_n = [int(np.sum(src == n)) for n in names]
+        sel_n = [int(np.sum((src == n) & chosen)) for n in names]
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, all_n, 0.4, label="scored")
+        ax.bar(x + 0.2, sel_n, 0.4, label="selected")
+        ax.set_xticks(x, short, rotation=20, ha="right")
+        ax.set_ylabel("rows")
+        ax.set_title("Per-source breakdown")
+        ax.legend()
+        save("per_source", fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     if loss:
@@ -140,7 +163,7 @@ def write_run_report(run_dir: str) -> dict[str, str]:
             rundir.write_bytes(rundir.join(run_dir, "report", f"round-{k}", f"{name}.png"), data)
             b64 = base64.b64encode(data).decode()
             imgs.append(f'<figure><img alt="{name}" data-name="round-{k}/{name}.png" src="data:image/png;base64,{b64}">'
-                        f"<figcaption>{name}</figcaption></figure>")
+                        f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>")
         sc = rnd["scoring"]
         budget = stats["budget"]
         lines = [
@@ -162,7 +185,7 @@ def write_run_report(run_dir: str) -> dict[str, str]:
             f"- selected data: `{rnd['paths'].get('data', '(not exported)')}`\n",
         ]
         md += lines
-        sections.append(f"<h2>Round {k}</h2><pre>{html.escape(chr(10).join(lines[1:]))}</pre>" + "".join(imgs))
+        sections.append(f"<h2>Round {k}</h2>{_md_html(chr(10).join(lines[1:]))}" + "".join(imgs))
     compare_url = rundir.join(rundir.compare_dir(run_dir), "comparison.json")
     if rundir.exists(compare_url):  # instructdiff compare: fine-tuned on each strategy's pick
         from .compare import comparison_markdown
@@ -172,11 +195,15 @@ def write_run_report(run_dir: str) -> dict[str, str]:
         png = fs.cat_file(png_path)
         rundir.write_bytes(rundir.join(run_dir, "report", "comparison.png"), png)
         md += ["## Comparison: fine-tuned on each strategy's pick\n", text]
-        sections.append("<h2>Comparison: fine-tuned on each strategy's pick</h2>" + _html_table(text)
+        sections.append("<h2>Comparison: fine-tuned on each strategy's pick</h2>" + _md_html(text)
                         + f'<figure><img alt="comparison" data-name="comparison.png" src="data:image/png;base64,'
-                          f'{base64.b64encode(png).decode()}"><figcaption>held-out NLL per strategy</figcaption></figure>')
+                          f'{base64.b64encode(png).decode()}"><figcaption>Held-out mean response NLL of the base model '
+                          "fine-tuned on each strategy's pick (lower is better), mean over seeds with the spread of "
+                          "the seeds.</figcaption></figure>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>InstructDiff run report</title>"
-            "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}figure{margin:1em 0}</style>"
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}figure{margin:1em 0}"
+            "figcaption{color:#444;font-size:0.9em}table{border-collapse:collapse}td,th{border:1px solid #bbb;"
+            "padding:2px 8px}td{text-align:right}code{background:#f2f2f2}</style>"
             f"</head><body><h1>InstructDiff run report</h1><p>{html.escape(run_dir)}</p>{''.join(sections)}</body></html>")
     paths = {"html": rundir.join(run_dir, "report", "index.html"), "summary": rundir.join(run_dir, "report", "summary.md")}
     rundir.write_bytes(paths["html"], page.encode("utf-8"))
@@ -184,22 +211,11 @@ def write_run_report(run_dir: str) -> dict[str, str]:
     return paths
 
 
-def _html_table(markdown: str) -> str:
-    """A markdown table (with a leading paragraph) as HTML."""
-    import html
+def _md_html(text: str) -> str:
+    """summary.md's Markdown (tables, lists, bold, code) as HTML for the report page."""
+    import markdown
 
-    out, rows = [], []
-    for line in markdown.strip().splitlines():
-        if line.startswith("|"):
-            if not set(line) <= set("|-: "):
-                rows.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    if rows:
-        head = "".join(f"<th>{c}</th>" for c in rows[0])
-        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[1:])
-        out.append(f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>{head}</tr>{body}</table>")
-    return "".join(out)
+    return markdown.markdown(text, extensions=["tables", "sane_lists"])
 
 
 def _length_line(counts: dict[str, int], total: int) -> str:

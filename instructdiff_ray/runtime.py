@@ -24,6 +24,19 @@ def progress_enabled(mode: str) -> bool:
     return mode in ("on", "ray") or (mode == "auto" and sys.stderr.isatty())
 
 
+def quiet_libraries(mode: str) -> None:
+    """In a Ray worker: no per-file progress bars from transformers and huggingface_hub (loading,
+    converting and writing weights print dozens of bar lines per actor through the driver's log),
+    unless progress is `ray`."""
+    if mode == "ray":
+        return
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 class _NoBarHint(logging.Filter):
     """Drops Ray Data's hint that its progress bars are off: they are off on purpose."""
 
@@ -60,6 +73,8 @@ def init_ray(cfg: RunConfig) -> None:
     ctx.enable_progress_bars = ray_bars
     ctx.print_on_execution_start = ray_bars
     ctx.enable_auto_log_stats = False
+    if not ray_bars:  # "uses N GiB per worker" every 30 s: a scoring actor holds its models by design
+        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     if not ray_bars:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").addFilter(_NoBarHint())

@@ -160,7 +160,9 @@ class ScoreActor:
     def __init__(self, cfg: RunConfig, base: str, warmup: str | None, base_scores_dir: str | None, stage: str = "all"):
         from .engines import make_engine
         from .models import is_adapter, merged_warmup, resolve_model
+        from .runtime import quiet_libraries
 
+        quiet_libraries(cfg.progress)
         # Models are resolved here, on the node that runs them (once per node, into its cache).
         base_dir = resolve_model(base)
         warmup_dir = resolve_model(warmup) if warmup else None

@@ -1,6 +1,6 @@
 """Selection stage: global, vectorised, deterministic selection over the score columns.
 
-The method (design brief §1 steps 4–5): among rows with status ok, sort by ΔNLL (ties by
+The method (InstructDiff, steps 4–5): among rows with status ok, sort by ΔNLL (ties by
 sample_id) and drop ⌊γ·n⌋ from each end (nothing if 2⌊γ·n⌋ ≥ n); rank the rest by signed ΔH
 ascending (ties by sample_id); fill the budget in that order, the row that crosses the token
 budget included. The rows are put in sample_id order once (one string sort, which also drops

@@ -1,7 +1,7 @@
 """Template stage: render a sample to text, tokenize it once, mark the response tokens.
 
 The response span is defined on the single tokenization of the whole text by character
-offsets (design brief §1): a token is a response token when its offset starts inside a
+offsets (README: "Corpora and templates"): a token is a response token when its offset starts inside a
 response span. Nothing is re-tokenized later; the scorer sees only ids and the mask.
 """
 

@@ -26,6 +26,7 @@ import torch
 from . import rundir
 from .config import ConfigError, DataConfig, RunConfig
 from .corpus import Sample, Shard, iter_unit, normalize_rows, read_units, rows_by_shard, samples_digest
+from .runtime import quiet_libraries
 
 
 @dataclass
@@ -160,6 +161,7 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
     from .template import tokenize_samples
 
     cfg: RunConfig = spec["cfg"]
+    quiet_libraries(cfg.progress)
     w = cfg.warmup
     world, rank, report = 1, 0, spec.get("on_step")
     ray_train = bool(spec.get("ray_train"))

@@ -14,9 +14,14 @@ def test_demo_command_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    res = subprocess.run([sys.executable, "-m", "instructdiff_ray", "demo", "--out", str(out), "--limit", "40",
-                          "--progress", "off"], env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run([sys.executable, "-m", "instructdiff_ray", "demo", "--out", str(out), "--limit", "40"],
+                         env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+    # what a person reads: the project's own lines (progress on by default), not pages of Ray output
+    lines = (res.stdout + res.stderr).splitlines()
+    assert len(lines) < 60, "\n".join(lines)
+    assert any(line.startswith("[score r1] 40/40 rows (100%)") for line in lines)
+    assert "[score r1] 40 rows: 40 ok" in lines and "instructdiff status" in lines[0]
     assert "selected data:" in res.stdout and "HumanEval tasks selected" in res.stdout
     stats = json.loads((out / "round-1" / "selection" / "stats.json").read_text())
     assert stats["rows_total"] == 40 and stats["status_counts"] == {"ok": 40}

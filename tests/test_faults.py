@@ -68,34 +68,38 @@ def _chain_config(tmp, gsm8k, base):
             "run": {"lease_ttl_s": 2}, "progress": "off"}
 
 
+def _kill_chain(tmp: Path, config: dict, view) -> None:
+    """The job killed at each named point in turn (each run resuming the last), then run to the
+    end; after every kill each committed file of the run directory (`view()`: a local copy of it)
+    reads back whole. No wait between runs: a killed driver's lease on this host is taken at once."""
+    from instructdiff_ray.faults import KILL_POINTS
+
+    (tmp / "job.yaml").write_text(yaml.safe_dump(config))
+    for point in (*KILL_POINTS, None):
+        rc, err = _run_cli(["run", str(tmp / "job.yaml")], f"instructdiff-chain-{tmp.name}-{point}", fault=point)
+        if point is not None:
+            assert rc == -signal.SIGKILL, f"not killed at {point} (rc {rc}): {err[-3000:]}"
+            _assert_no_truncated_file(view())
+        else:
+            assert rc == 0, err[-3000:]
+
+
 @pytest.fixture(scope="module")
 def killed_at_every_point(tmp_path_factory, ray_local, tiny_model, gsm8k):
-    """One run killed at each named point in turn (each resuming the last), then run to the end;
-    and the same job run once without interruption."""
+    """One run killed at each named point in turn, then run to the end; and the same job run
+    once without interruption."""
     from instructdiff_ray.config import build_config
-    from instructdiff_ray.faults import KILL_POINTS
     from instructdiff_ray.pipeline import run_job
 
     tmp = tmp_path_factory.mktemp("chain")
     config = _chain_config(tmp, gsm8k, tiny_model)
-    (tmp / "job.yaml").write_text(yaml.safe_dump(config))
-    kills = {}
-    for point in (*KILL_POINTS, None):
-        rc, err = _run_cli(["run", str(tmp / "job.yaml")], f"instructdiff-chain-{tmp.name}-{point}", fault=point)
-        kills[point] = rc
-        if point is not None:
-            assert rc == -signal.SIGKILL, f"not killed at {point} (rc {rc}): {err[-3000:]}"
-            _assert_no_truncated_file(tmp / "run")
-            time.sleep(config["run"]["lease_ttl_s"] + 0.5)  # the dead driver's lease expires
-        else:
-            assert rc == 0, err[-3000:]
+    _kill_chain(tmp, config, lambda: tmp / "run")
     ref = tmp_path_factory.mktemp("uninterrupted")
     run_job(build_config({**config, "out": str(ref / "run")}))
     return tmp / "run", ref / "run", tiny_model
 
 
-def test_kill_at_every_named_point_then_resume_equals_an_uninterrupted_run(killed_at_every_point):
-    run, ref, _ = killed_at_every_point
+def _assert_equal_runs(run: Path, ref: Path) -> None:
     got, want = _table(run / "round-1" / "scores"), _table(ref / "round-1" / "scores")
     assert got["source_row"] == list(range(120)) and got["sample_id"] == want["sample_id"]  # every row exactly once
     for col in SCORE_COLS:
@@ -104,6 +108,32 @@ def test_kill_at_every_named_point_then_resume_equals_an_uninterrupted_run(kille
     assert sel(run) == sel(ref) and len(sel(run).split()) > 5
     assert (run / "round-1" / "selection" / "selected.jsonl").read_text() == (ref / "round-1" / "selection" / "selected.jsonl").read_text()
     _assert_no_truncated_file(run)
+
+
+def test_kill_at_every_named_point_on_s3_then_resume_equals_an_uninterrupted_run(s3, killed_at_every_point, tmp_path,
+                                                                                 gsm8k):
+    """The same chain with the run directory on S3: every commit there is a temporary key moved
+    into place, so no kill leaves a partial object at a final key."""
+    _, ref, base = killed_at_every_point
+    s3.mkdir("kill-chain")
+    config = _chain_config(tmp_path, gsm8k, base) | {"out": "s3://kill-chain/run"}
+    views = iter(range(100))
+
+    def view() -> Path:
+        local = tmp_path / f"view-{next(views)}"
+        s3.get("kill-chain/run", str(local), recursive=True)
+        return local
+
+    _kill_chain(tmp_path, config, view)
+    run = view()
+    _assert_equal_runs(run, ref)
+    assert not [p for p in s3.find("kill-chain/run") if p.rsplit("/", 1)[-1].startswith(".")], "temporaries left behind"
+    assert not s3.exists("kill-chain/run/_lease.json")
+
+
+def test_kill_at_every_named_point_then_resume_equals_an_uninterrupted_run(killed_at_every_point):
+    run, ref, _ = killed_at_every_point
+    _assert_equal_runs(run, ref)
     assert not [p for p in run.rglob(".*") if p.name.endswith(".tmp")], "temporaries left behind"
     assert not (run / "_lease.json").exists()
     from instructdiff_ray.faults import KILL_POINTS

@@ -137,7 +137,7 @@ def test_report_plots_decode_and_html_references_every_plot(two_rounds):
     report = two_rounds / "report"
     html = (report / "index.html").read_text()
     pngs = sorted(report.glob("round-*/*.png"))
-    assert len(pngs) == 12
+    assert len(pngs) == 10  # five per round: one input file, so no per-source breakdown
     for p in pngs:
         assert p.stat().st_size > 5000
         img = mpimg.imread(p)
@@ -156,7 +156,14 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
 IMAGE_CHECK = """<script>window.addEventListener('load', () => {
   const bad = [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
-  document.body.setAttribute('data-check', JSON.stringify({images: document.images.length, bad: bad}));
+  const uncaptioned = [...document.images].filter(i => {
+    const c = i.closest('figure') && i.closest('figure').querySelector('figcaption');
+    return !c || c.innerText.trim().split(' ').length < 8;
+  }).map(i => i.alt);
+  const text = document.body.innerText;
+  const raw = ['**', '|---', '| ---', '`', '## '].filter(m => text.includes(m));
+  document.body.setAttribute('data-check', JSON.stringify({images: document.images.length, bad: bad,
+    uncaptioned: uncaptioned, raw_markdown: raw, tables: document.querySelectorAll('table').length}));
 });</script>"""
 
 
@@ -181,7 +188,7 @@ def test_report_renders_in_headless_chromium(two_rounds, tmp_path):
     check = re.search(r"data-check=\"([^\"]*)\"", dom.stdout)
     assert check, dom.stderr[-2000:]
     result = json.loads(check.group(1).replace("&quot;", '"'))
-    assert result == {"images": 12, "bad": []}
+    assert result == {"images": 10, "bad": [], "uncaptioned": [], "raw_markdown": [], "tables": 2}
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert console == []
     shot = run("--screenshot=" + str(tmp_path / "report.png"), "--window-size=1100,2400")
