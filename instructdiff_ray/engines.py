@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .faults import engine_faults
+from .faults import encode_progress, engine_faults
 from .models import is_adapter, merged_warmup
 from .metrics import chunk_positions, logit_transform, per_sample_means, token_logp_entropy
 
@@ -59,6 +59,8 @@ def run_split(rows: list[int], attempt, errors: dict[int, str], release=lambda: 
     for the device is that row's fault)."""
     try:
         return attempt(rows)
+    except EngineFault:
+        raise
     except Exception as err:  # noqa: BLE001 - engines raise many types; each is classified here
         if is_systemic(err):
             raise EngineFault(f"{type(err).__name__}: {str(err)[:300]}") from err
@@ -390,14 +392,36 @@ class VLLMEngine:
             engine_faults([ids[i] for i in sub])
             prompts = [TokensPrompt(prompt_token_ids=list(ids[i])) for i in sub]
             params = [PoolingParams(task="token_classify", extra_kwargs={SPANS_KEY: mask_spans(masks[i])}) for i in sub]
-            outs = llm.encode(prompts, pooling_params=params, pooling_task="token_classify", use_tqdm=False)
-            for i, out in zip(sub, outs):
+            try:
+                outs = llm.encode(prompts, pooling_params=params, pooling_task="token_classify",
+                                  use_tqdm=encode_progress())
+            except Exception as err:  # noqa: BLE001 - whatever it was, requests may still sit in the engine
+                raise EngineFault(f"vLLM's encode failed ({type(err).__name__}: {str(err)[:300]}); requests of this "
+                                  "batch may still be queued in its engine, whose next outputs could not be trusted"
+                                  ) from err
+            for i, out in matched_outputs(sub, ids, masks, outs):
                 data = out.outputs.data.double()
                 nll[i] = -data[:, 0].mean().item()
                 ent[i] = data[:, 1].mean().item()
             return sum(len(ids[i]) for i in sub)
 
         return run_split(rows, attempt, errors) if rows else 0
+
+
+def matched_outputs(rows: list[int], ids, masks, outs) -> list[tuple[int, Any]]:
+    """Pair vLLM's outputs with the rows they belong to, or raise EngineFault: the same count, each
+    output's prompt the row's token ids and one score per scored position of the row. Outputs of
+    an earlier, failed call left in the engine would otherwise land on other rows."""
+    if len(outs) != len(rows):
+        raise EngineFault(f"vLLM returned {len(outs)} outputs for {len(rows)} requests (outputs of an earlier "
+                          "call left in its engine?)")
+    for i, out in zip(rows, outs):
+        want = sum(bool(m) for m in masks[i][1:len(ids[i])])
+        if list(out.prompt_token_ids or []) != list(ids[i]) or getattr(out, "error", None) is not None \
+                or out.outputs.data.shape[0] != want:
+            raise EngineFault(f"vLLM's output {out.request_id} does not belong to its row (token ids, error or "
+                              f"{out.outputs.data.shape[0]} scores for {want} positions)")
+    return list(zip(rows, outs))
 
 
 def mask_spans(mask: list[bool]) -> list[list[int]]:

@@ -12,7 +12,9 @@ blocks forever, so a test can act while the driver is known to be at that point.
 Engine faults (checked by the engines before each forward):
 - `engine.cuda_error:CLAIM` raises a fake CUDA error on every batch in the one process that first
   creates the file CLAIM (so exactly one actor is poisoned, and its restart is healthy);
-- `engine.poison_row:DIGEST` raises when a batch holds the row whose `ids_digest` is DIGEST.
+- `engine.poison_row:DIGEST` raises when a batch holds the row whose `ids_digest` is DIGEST;
+- `engine.encode_fault` (vllm engine) raises inside vLLM's engine loop after the first request of a
+  call finished, while the others are still queued in the engine (`encode_progress`).
 """
 
 from __future__ import annotations
@@ -107,3 +109,26 @@ def engine_faults(batch_ids: list[list[int]]) -> None:
     poison = specs.get("engine.poison_row")
     if poison and any(ids_digest(list(x)) == poison for x in batch_ids):
         raise RuntimeError("injected fault: poisoned row")
+
+
+def encode_progress():
+    """vLLM's `use_tqdm` for an encode call: False, or with `engine.encode_fault` armed a progress
+    bar whose first update raises, i.e. an exception inside vLLM's engine loop that leaves the
+    call's other requests queued in the engine (as an error in a step does)."""
+    if armed("engine.encode_fault") is None:
+        return False
+
+    class FailingBar:
+        def __init__(self, total: int = 0, **_):
+            self.n, self.total, self.postfix = 0, total, ""
+
+        def update(self, n: int = 1) -> None:
+            raise RuntimeError("injected fault: inside vLLM's engine loop")
+
+        def refresh(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    return FailingBar

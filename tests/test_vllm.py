@@ -108,6 +108,25 @@ def test_tiny_vllm_equals_hf_and_float64_with_and_without_warmup(tiny_host, tiny
         np.testing.assert_allclose(_vllm(tiny_host, ids, masks, "warmup"), reference_scores(warm, ids, masks), atol=1e-4, rtol=0)
 
 
+def test_an_error_inside_encode_never_puts_scores_on_other_rows(ray_local, tiny_host, tiny_model, gsm8k, arm_fault):
+    """An exception inside vLLM's engine loop leaves the call's other requests queued, and the
+    engine's next call returns them first. Both calls end in EngineFault (the scoring actor ends
+    and is restarted), never in scores on other rows; a clean engine scores the rows as before."""
+    ids, masks = _tokenized(tiny_model, gsm8k, 8)
+    clean = _vllm(tiny_host, ids, masks, "base")
+    host = _host(ray_local, tiny_model, None, max_num_batched_tokens=128, max_num_seqs=16)  # several steps per call
+    try:
+        arm_fault("engine.encode_fault")
+        with pytest.raises(ray_local.exceptions.RayTaskError, match="vLLM's encode failed"):
+            ray_local.get(host.score.remote(ids, masks, "base"))
+        arm_fault("")
+        with pytest.raises(ray_local.exceptions.RayTaskError, match="outputs for 8 requests|does not belong"):
+            ray_local.get(host.score.remote(ids, masks, "base"))  # the queued requests come back first
+    finally:
+        ray_local.kill(host)
+    np.testing.assert_allclose(_vllm(tiny_host, ids, masks, "base"), clean, atol=1e-6, rtol=0)
+
+
 def test_vllm_scores_multi_span_masks_and_reports_bad_rows(tiny_host, tiny_model, gsm8k):
     """Several response spans per sample (chat turns) and rows vLLM would reject are per-row errors."""
     ids, masks = _tokenized(tiny_model, gsm8k, 6)
