@@ -267,11 +267,12 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str]] = {
             "examples:\n  instructdiff run jobs/math.yaml\n  instructdiff run jobs/math.yaml --set rounds=2 --set selection.budget=0.2\n"
             "  instructdiff run jobs/math.yaml --dry-run"),
     "score": (cmd_score, "score every sample under base and warmup models into Parquet",
-              "example:\n  instructdiff score --data ../shared/data/gsm8k_train.jsonl --base smollm2 \\\n"
-              "      --warmup runs/x/round-1/warmup/adapter --out runs/scores --limit 500"),
+              "example:\n  instructdiff score --data hf://datasets/openai/gsm8k/main --set data.split=train --fields qa \\\n"
+              "      --base smollm2 --warmup runs/warm/round-1/warmup/adapter --out runs/scores --limit 500"),
     "warmup": (cmd_warmup, "train only round 1's warmup model (alpha draw) into the run directory --out "
                            "(OUT/round-1/warmup, which `run` with the same settings then reuses)",
-               "example:\n  instructdiff warmup --data examples/gsm8k_200.jsonl --base smollm2 --out runs/warm --set warmup.alpha=0.1"),
+               "example:\n  instructdiff warmup --data hf://datasets/openai/gsm8k/main --set data.split=train --fields qa \\\n"
+               "      --base smollm2 --out runs/warm --limit 500"),
     "select": (cmd_select, "select from any directory of score Parquet files (no rescoring)",
                "example:\n  instructdiff select --scores runs/x/round-1/scores --out runs/sel20 --budget 0.2 --strategy instructdiff"),
     "demo": (cmd_demo, "run the whole job on SmolLM2-135M and HumanEval (installed from PyPI), on CPU",

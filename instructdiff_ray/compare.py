@@ -252,7 +252,7 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     the run directory's lease."""
     import ray
 
-    from .runtime import gpus_per_actor, init_ray, remote_call
+    from .runtime import init_ray, remote_call, training_gpus
     from .warmup import collect_samples
 
     c = cfg.compare
@@ -278,7 +278,7 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
                   f"{len(names) - len(pending)} already done; held-out: {len(heldout)} rows")
     shards = load_plan(cfg.data, cfg.out).shards
     threads = cfg.engine.threads or max(1, int(cfg.ray.cpus_per_actor))
-    task = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpus_per_actor(cfg), max_retries=1)(run_unit)
+    task = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=training_gpus(cfg), max_retries=1)(run_unit)
     heldout_ref = ray.put(heldout)
     running: dict[Any, str] = {}
     for name in pending:

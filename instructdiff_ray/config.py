@@ -247,6 +247,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _ifd(self) -> "RunConfig":
+        if self.engine.name == "hf" and self.engine.placement == "pools":
+            raise ValueError("engine.placement: pools is for the vllm engine (one engine per model and GPU); the hf "
+                             "engine holds the base once and serves a LoRA warmup from it: use together or auto")
         wants_ifd = [s for s in (self.compare.strategies if self.compare else []) if s in IFD_STRATEGIES]
         if wants_ifd and not self.template.ifd:
             raise ValueError(f"compare.strategies {wants_ifd} need the extra pass: set template.ifd: true")
@@ -365,13 +368,27 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+MODEL_FORMS = ("a Hugging Face Hub id (HuggingFaceTB/SmolLM2-135M-Instruct), a local model directory, an s3:// or gs:// "
+               "directory, a .gguf file, or the built-in name smollm2")
+REQUIRED_HINTS = {  # what to write when a required key is missing
+    "out": "the run directory: --out DIR or out: in the YAML (a local path or s3://bucket/prefix)",
+    "data": "the corpus: --data FILE_OR_DIR or data.paths in the YAML",
+    "data.paths": "the corpus: --data FILE_OR_DIR or data.paths in the YAML",
+    "model": f"the base model: --base MODEL or model.base in the YAML; {MODEL_FORMS}",
+    "model.base": f"the base model: --base MODEL or model.base in the YAML; {MODEL_FORMS}",
+}
+
+
 def _config_error(err: ValidationError, prefix: str = "") -> ConfigError:
     """One line per problem, each naming its dotted key."""
     lines = []
     for e in err.errors():
-        where = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]]) or "(top level)"
+        where = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]])
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}" + (f" (got {e['input']!r})" if "input" in e and e["type"] not in ("missing", "value_error") else ""))
+        got = f" (got {e['input']!r})" if "input" in e and e["type"] not in ("missing", "value_error") else ""
+        if e["type"] == "missing" and where in REQUIRED_HINTS:
+            msg = f"missing: {REQUIRED_HINTS[where]}"
+        lines.append(f"{where}: {msg}{got}" if where else msg)  # a whole-config check names its keys itself
     return ConfigError(lines[0] if len(lines) == 1 else "invalid configuration:\n" + "\n".join(f"  {x}" for x in lines))
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import rundir
-from .config import ConfigError, RunConfig
+from .config import MODEL_FORMS, ConfigError, RunConfig
 from .corpus import INVALID_STATUSES, Plan, Shard, list_files, load_plan, read_units
 from .progress import Progress
 from .rundir import FingerprintMismatch, LeaseHeld
@@ -28,7 +28,8 @@ __all__ = ["FingerprintMismatch", "LeaseHeld", "TooManyErrors", "score_corpus", 
 
 
 class TooManyErrors(RuntimeError):
-    """More rows failed than `run.max_error_fraction` allows (everything scored is kept)."""
+    """More rows failed (or were unusable input) than `run.max_error_fraction` (`run.max_invalid_fraction`)
+    allows; everything scored is kept."""
 
 
 @dataclass
@@ -177,8 +178,7 @@ def score_corpus(
     if note:
         log.warning(note)
         progress.note(note)
-    check_error_fraction(summary, cfg.run.max_error_fraction, out_dir)
-    check_invalid_fraction(summary, cfg.run.max_invalid_fraction, out_dir)
+    check_row_limits(cfg, summary, out_dir)
     return summary
 
 
@@ -220,24 +220,23 @@ def row_account(summary: ScoreSummary) -> str:
     return line
 
 
-def check_invalid_fraction(summary: ScoreSummary, limit: float, out_dir: str) -> None:
-    bad = {k: v for k, v in summary.status_counts.items() if k in INVALID_STATUSES}
-    n = sum(bad.values())
-    if summary.rows and n / summary.rows > limit:
-        raise TooManyErrors(
-            f"{n} of {summary.rows} rows ({100 * n / summary.rows:.1f}%) are not usable input ({bad}), more than "
-            f"run.max_invalid_fraction={limit}; every row's status and reason is in {out_dir} (raw lines of unreadable "
-            f"ones in {rundir.join(out_dir, rundir.QUARANTINE_DIR)}/); fix the input or raise the limit, then rerun")
-
-
-def check_error_fraction(summary: ScoreSummary, limit: float, out_dir: str) -> None:
-    bad = {k: v for k, v in summary.status_counts.items() if k in ERROR_STATUSES}
-    n = sum(bad.values())
-    if summary.rows and n / summary.rows > limit:
-        raise TooManyErrors(
-            f"{n} of {summary.rows} rows ({100 * n / summary.rows:.1f}%) failed ({bad}), more than "
-            f"run.max_error_fraction={limit}; every score is kept in {out_dir} (see the `reason` column); "
-            "fix the cause or raise the limit, then rerun")
+def check_row_limits(cfg: RunConfig, summary: ScoreSummary, out_dir: str) -> None:
+    """Raise TooManyErrors (after everything is written) when more rows failed, or were unusable
+    input, than run.max_error_fraction / run.max_invalid_fraction allow."""
+    quarantine = rundir.join(out_dir, rundir.QUARANTINE_DIR)
+    limits = [
+        (ERROR_STATUSES, cfg.run.max_error_fraction, "failed", "max_error_fraction",
+         f"every score is kept in {out_dir} (see the `reason` column); fix the cause or raise the limit, then rerun"),
+        (INVALID_STATUSES, cfg.run.max_invalid_fraction, "are not usable input", "max_invalid_fraction",
+         f"every row's status and reason is in {out_dir} (raw lines of unreadable ones in {quarantine}/); fix the "
+         "input or raise the limit, then rerun"),
+    ]
+    for statuses, limit, what, key, advice in limits:
+        bad = {k: v for k, v in summary.status_counts.items() if k in statuses}
+        n = sum(bad.values())
+        if summary.rows and n / summary.rows > limit:
+            raise TooManyErrors(f"{n} of {summary.rows} rows ({100 * n / summary.rows:.1f}%) {what} ({bad}), more than "
+                                f"run.{key}={limit}; {advice}")
 
 
 def summarize(out_dir: str, shards: list[Shard], skipped: int, wall: float) -> ScoreSummary:
@@ -299,7 +298,8 @@ def check_model_fits_template(cfg: RunConfig) -> None:
         if spec and kind(spec) == "gguf" and not Path(spec).is_file():
             raise ConfigError(f"model.{name}: {spec} does not exist")
         if spec and kind(spec) == "local" and not Path(spec).exists():
-            raise ConfigError(f"model.{name}: {spec} does not exist")
+            forms = MODEL_FORMS if name == "base" else "a peft adapter directory or a full model directory"
+            raise ConfigError(f"model.{name}: {spec} does not exist; give {forms}")
     if kind(cfg.model.base) in ("builtin", "gguf"):
         return  # converted where they are loaded
     try:

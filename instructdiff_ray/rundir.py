@@ -244,8 +244,16 @@ class LeaseLost(LeaseHeld):
     """This driver could not keep its lease (taken over, or not renewed within its ttl)."""
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (containers that share a host name may not share it)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _process_gone(pid: Any) -> bool:
-    """Whether no process with this id runs on this host."""
+    """Whether no process with this id runs in this PID namespace."""
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -260,7 +268,7 @@ class Lease:
 
     The holder writes `_lease.json` and renews its heartbeat every ttl/4 seconds (`beat_s`) from a thread;
     a lease whose heartbeat is older than its ttl belongs to a dead driver and may be taken over,
-    at once when its holder ran on this host and its process is gone. Taking it is
+    at once when its holder ran on this host (and PID namespace) and its process is gone. Taking it is
     write-then-confirm: after writing, the driver waits a moment and reads the lease back, so of
     two drivers racing for it exactly one finds its own id.
 
@@ -279,8 +287,8 @@ class Lease:
         self.interrupt = interrupt
         self.beat = beat_s if beat_s is not None else ttl_s / 4
         self.id = uuid.uuid4().hex
-        self.info = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv,
-                     "started_at": time.time(), "ttl_s": ttl_s}
+        self.info = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "pid_ns": _pid_namespace(),
+                     "argv": sys.argv, "started_at": time.time(), "ttl_s": ttl_s}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
@@ -304,7 +312,9 @@ class Lease:
     def _holder_alive(self, holder: dict[str, Any]) -> bool:
         if time.time() - float(holder.get("heartbeat_at", 0)) > float(holder.get("ttl_s", self.ttl)):
             return False
-        if holder.get("host") == self.info["host"] and _process_gone(holder.get("pid")):
+        same_processes = holder.get("host") == self.info["host"] and holder.get("pid_ns") == self.info["pid_ns"] \
+            and self.info["pid_ns"] is not None
+        if same_processes and _process_gone(holder.get("pid")):
             log.info("taking over the lease of pid %s on this host: that process is gone", holder.get("pid"))
             return False
         return True

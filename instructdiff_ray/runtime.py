@@ -93,7 +93,7 @@ def cluster_offers_gpus() -> bool:
 
 
 def gpus_per_actor(cfg: RunConfig) -> float:
-    """GPUs a scoring actor or training worker asks for: `ray.gpus_per_actor`, else 1 when the
+    """GPUs a scoring actor asks for: `ray.gpus_per_actor`, else 1 when the
     cluster offers GPUs (decided from the cluster, not from the driver's own device, so a CPU
     head still asks for GPU workers), else 0. Call after init_ray."""
     if cfg.ray.gpus_per_actor is not None:
@@ -108,6 +108,13 @@ def gpus_per_actor(cfg: RunConfig) -> float:
                 "from here: set ray.gpus_per_actor to ask for GPU nodes")
         return 0.0
     return float(cfg.engine.tensor_parallel_size) if cfg.engine.name == "vllm" else 1.0
+
+
+def training_gpus(cfg: RunConfig) -> int:
+    """GPUs one training worker (a warmup, a compare unit) asks for: one whenever scoring actors
+    get GPUs, whatever the scoring engine's tensor-parallel size or fractional share (training
+    runs on one device per worker; two trainings must not share a GPU)."""
+    return 1 if gpus_per_actor(cfg) > 0 else 0
 
 
 def _is_multi_node() -> bool:

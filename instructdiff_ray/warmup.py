@@ -348,10 +348,10 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
 def _train_in_task(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     import ray
 
-    from .runtime import gpus_per_actor, init_ray
+    from .runtime import init_ray, training_gpus
 
     init_ray(cfg)
-    remote = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpus_per_actor(cfg), max_retries=1)(_train_and_print)
+    remote = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=training_gpus(cfg), max_retries=1)(_train_and_print)
     return ray.get(remote.remote({k: v for k, v in spec.items() if k != "on_step"}))
 
 
@@ -377,10 +377,10 @@ def _train_with_ray(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .runtime import gpus_per_actor, init_ray
+    from .runtime import init_ray, training_gpus
 
     init_ray(cfg)
-    use_gpu = gpus_per_actor(cfg) > 0
+    use_gpu = training_gpus(cfg) > 0
     ray_spec = {k: v for k, v in spec.items() if k != "on_step"} | {"ray_train": True}
     trainer = TorchTrainer(
         lambda conf: train_loop(conf),

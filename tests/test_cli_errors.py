@@ -59,3 +59,20 @@ def test_select_without_score_files_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["select", "--scores", str(tmp_path / "empty"), "--out", str(tmp_path / "sel")]) == 2
     assert "holds no score files" in _one_line(capsys)
+
+
+def test_a_missing_or_misspelled_model_names_the_accepted_forms(tmp_path, gsm8k, capsys):
+    args = ["run", "--data", str(gsm8k), "--out", str(tmp_path / "o"), "--dry-run"]
+    assert main(args) == 2
+    line = _one_line(capsys)
+    assert line.startswith("error: model: missing: the base model: --base MODEL") and "smollm2" in line
+    assert main(args + ["--base", "smolm2"]) == 2
+    line = _one_line(capsys)
+    assert "smolm2 does not exist" in line and "Hugging Face Hub id" in line and "built-in name smollm2" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_pools_are_refused_for_the_hf_engine(tmp_path, gsm8k, capsys):
+    assert main(["run", "--data", str(gsm8k), "--base", "smollm2", "--out", str(tmp_path / "o"),
+                 "--set", "engine.placement=pools", "--dry-run"]) == 2
+    assert "engine.placement: pools is for the vllm engine" in _one_line(capsys)

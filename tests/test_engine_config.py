@@ -134,3 +134,15 @@ def test_impossible_memory_plans_are_refused_before_any_model_loads(tmp_path, gs
         check_model_fits_template(cfg_for("llama-3-70b", 24, tp=4, where="pools"))
     with pytest.raises(ConfigError, match=r"a GPU with more memory"):
         check_model_fits_template(cfg_for("llama-3-70b", 16, tp=8, where="pools"))
+
+
+@pytest.mark.parametrize("scoring_gpus, want", [(2.0, 1), (0.5, 1), (1.0, 1), (0.0, 0)])
+def test_training_asks_for_one_gpu_whatever_the_scoring_actors_hold(tmp_path, tiny_model, gsm8k, scoring_gpus, want):
+    """A vllm engine with tensor_parallel_size 2 reserves two GPUs per scoring actor, and half-GPU
+    actors share one; a warmup or compare unit trains on one GPU of its own either way."""
+    from instructdiff_ray.runtime import gpus_per_actor, training_gpus
+
+    tp = 2 if scoring_gpus == 2.0 else 1
+    cfg = make_config(tmp_path, [gsm8k], tiny_model, ray={"gpus_per_actor": scoring_gpus},
+                      engine={"tensor_parallel_size": tp})
+    assert gpus_per_actor(cfg) == scoring_gpus and training_gpus(cfg) == want

@@ -365,7 +365,7 @@ def test_bad_input_is_accounted_for_and_limited(tmp_path, ray_local, tiny_model,
     assert main(args + [str(tmp_path / "b"), "--set", "run.max_invalid_fraction=0.25"]) == 0
 
 
-def test_s3_corpus_and_run_dir_with_resume(s3, reference, tmp_path, ray_local, tiny_model, tiny_lora, gsm8k):
+def test_s3_corpus_and_run_dir_with_resume(s3, s3_server, reference, tmp_path, ray_local, tiny_model, tiny_lora, gsm8k):
     from instructdiff_ray.config import SelectionConfig
     from instructdiff_ray.selection import load_scores, select, write_selection
 
@@ -382,7 +382,16 @@ def test_s3_corpus_and_run_dir_with_resume(s3, reference, tmp_path, ray_local, t
     s3.rm("instructdiff-test/run/scores/_done/shard-00000004.json")
     s3.rm("instructdiff-test/run/scores/shard-00000007.parquet")
     s3.rm("instructdiff-test/run/scores/_done/shard-00000007.json")
-    again = score_job(cfg)
+    layer = s3_server.layer
+    layer.reset()  # the store answers 503 to some marker and shard writes (the workers' own requests)
+    layer.fail("PUT /instructdiff-test/run/scores/_done/", times=3)
+    layer.fail("PUT /instructdiff-test/run/scores/.shard-00000007", times=2)
+    try:
+        again = score_job(cfg)
+    finally:
+        failed = list(layer.failed)
+        layer.reset()
+    assert len(failed) == 5, failed
     assert first.shards_skipped == 0 and again.shards_skipped == 18 and again.rows == 200
     table = load_scores(out)
     got = table.sort_by("source_row").to_pydict()
