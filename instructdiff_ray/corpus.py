@@ -147,6 +147,10 @@ def list_files(cfg: DataConfig) -> list[tuple[str, str]]:
         elif fs.isdir(root):
             base = root.rstrip("/") + "/"
             names = sorted(n for n in fs.find(root) if not _hidden(n[len(base):] if n.startswith(base) else n))
+            nested = sorted({n.rsplit("/", 1)[0] for n in names if n.rsplit("/", 1)[-1] in ("state.json", "dataset_dict.json")})
+            if nested:  # its JSON sidecars would be read as rows, and its Arrow files as a format it is not
+                raise ConfigError(f"data.paths: {protocol}{nested[0]} inside {p} is a `datasets` save_to_disk directory; "
+                                  "give that directory itself in data.paths (it is read as a dataset)")
             found = [(protocol + n if protocol else n, _fmt_of(n, cfg.format)) for n in names]
             found = [(n, f) for n, f in found if f]
             if not found:

@@ -60,6 +60,11 @@ def test_save_to_disk_directories_are_read_as_their_arrow_files(tmp_path):
         assert {s.fmt for s in shards} == {"arrow"} and sum(s.n_rows for s in shards) == n
     with pytest.raises(ConfigError, match="has splits"):
         list_files(DataConfig(paths=[str(tmp_path / "dd")], split="validation"))
+    # a folder that holds such a directory one level down: refused naming it, not read as loose JSON
+    (tmp_path / "outer").mkdir()
+    ds.save_to_disk(str(tmp_path / "outer" / "mine"))
+    with pytest.raises(ConfigError, match=r"outer/mine inside .* is a `datasets` save_to_disk directory"):
+        list_files(DataConfig(paths=[str(tmp_path / "outer")]))
 
 
 def test_selection_as_a_datasets_directory(tmp_path):
