@@ -137,18 +137,20 @@ def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
     return _load(scores_dir, columns)
 
 
-def select(scores: str | pa.Table, out: str | None = None, **settings: Any) -> SelectionResult:
+def select(scores: str | pa.Table, out: str | None = None, partial: bool = False, **settings: Any) -> SelectionResult:
     """`instructdiff select`: from a scores directory or a table of score rows; `settings` are
     SelectionConfig fields (budget, budget_unit, gamma, strategy, seed, output_format, export).
     With `out`, the selection is written there (ids, selection.parquet, stats and, when the
-    corpus is reachable, the records); without, it is only returned."""
+    corpus is reachable, the records); without, it is only returned. A scores directory whose
+    scoring has not finished is refused unless `partial`."""
     from .config import section
-    from .selection import scores_plan, write_selection
+    from .selection import check_scores_finished, scores_plan, write_selection
     from .selection import select as _select
 
     scfg = section(SelectionConfig, "selection", **settings)
     plan = None
     if isinstance(scores, str):
+        check_scores_finished(scores, partial=partial)
         plan = scores_plan(scores)
         scores = load_scores(scores)
     sel = _select(scores, scfg)

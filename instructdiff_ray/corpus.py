@@ -52,6 +52,9 @@ MISSING_FIELD = "missing_field"
 EMPTY_PROMPT = "empty_prompt"
 EMPTY_RESPONSE = "empty_response"
 UNKNOWN_SHAPE = "unknown_shape"
+# The reason prefix of an `error` row no engine can run (token ids outside the vocabulary, more tokens
+# than the engine takes): a rerun does not retry it.
+INVALID_ROW = "invalid row: "
 # Rows whose input cannot become a sample (they count against run.max_invalid_fraction).
 INVALID_STATUSES = (MALFORMED, INVALID_UTF8, BAD_TYPE, MISSING_FIELD, EMPTY_PROMPT, EMPTY_RESPONSE, UNKNOWN_SHAPE)
 
@@ -195,22 +198,20 @@ def file_fingerprint(url: str) -> dict[str, Any]:
     """An input file by content, without reading it where that is costly: a local file by its
     sha256 (up to 256 MiB; larger ones by size, mtime and 16 sampled 1 MiB blocks), an object by
     the store's metadata (size, and its ETag, version id or generation, which change with the
-    content), a Hub dataset file by its commit."""
+    content; a store that gives none is sampled like a large local file), a Hub dataset file by
+    its commit."""
     if sources.is_hub(url):
         repo, commit, path = sources.parse_hub(url)
         return {"path": url, "hub": repo, "commit": commit, "file": path}
     fs, path = rundir.fs_of(url)
     info = fs.info(path)
     size = int(info["size"])
-    if not rundir.is_local(url):
-        version = {k: str(info[k]) for k in ("ETag", "etag", "VersionId", "generation", "md5Hash", "crc32c")
-                   if info.get(k)}
-        if not version:
-            version = {"mtime": str(info.get("mtime") or info.get("LastModified") or info.get("updated"))}
+    version = {k: str(info[k]) for k in ("ETag", "etag", "VersionId", "generation", "md5Hash", "crc32c") if info.get(k)}
+    if version and not rundir.is_local(url):
         return {"path": url, "size": size, "version": version}
-    h = hashlib.sha256()
+    h = hashlib.sha256()  # local files, and stores that give no content version: read the content
     with fs.open(path, "rb") as f:
-        if size <= FULL_DIGEST_BYTES:
+        if rundir.is_local(url) and size <= FULL_DIGEST_BYTES:
             for block in iter(lambda: f.read(8 << 20), b""):
                 h.update(block)
             return {"path": url, "size": size, "sha256": h.hexdigest()}
@@ -218,7 +219,8 @@ def file_fingerprint(url: str) -> dict[str, Any]:
         for i in range(SAMPLE_BLOCKS):
             f.seek(span * i // (SAMPLE_BLOCKS - 1))
             h.update(f.read(SAMPLE_BLOCK_BYTES))
-    return {"path": url, "size": size, "mtime": str(info.get("mtime")), "sampled_sha256": h.hexdigest()}
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("updated")
+    return {"path": url, "size": size, "mtime": str(mtime), "sampled_sha256": h.hexdigest()}
 
 
 def scan_jsonl(path: str, byte_start: int, byte_stop: int | None, shard_rows: int,

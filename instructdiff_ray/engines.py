@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .corpus import INVALID_ROW
 from .faults import encode_progress, engine_faults
 from .models import is_adapter, merged_warmup
 from .metrics import chunk_positions, logit_transform, per_sample_means, token_logp_entropy
@@ -44,9 +45,9 @@ def is_systemic(err: BaseException) -> bool:
 def invalid_row(ids: list[int], vocab: int, max_len: int | None = None) -> str | None:
     """Why a row cannot be run at all (checked before any forward), or None."""
     if max_len is not None and len(ids) > max_len:
-        return f"ValueError: {len(ids)} tokens > max_model_len {max_len}"
+        return f"{INVALID_ROW}{len(ids)} tokens > max_model_len {max_len}"
     if ids and (max(ids) >= vocab or min(ids) < 0):
-        return f"ValueError: token id {max(ids) if max(ids) >= vocab else min(ids)} outside the vocabulary (size {vocab})"
+        return f"{INVALID_ROW}token id {max(ids) if max(ids) >= vocab else min(ids)} outside the vocabulary (size {vocab})"
     return None
 
 
@@ -395,9 +396,11 @@ class VLLMEngine:
             try:
                 outs = llm.encode(prompts, pooling_params=params, pooling_task="token_classify",
                                   use_tqdm=encode_progress())
-            except Exception as err:  # noqa: BLE001 - whatever it was, requests may still sit in the engine
+            except Exception as err:
+                if not _has_queued(llm):  # rejected before it ran (vLLM aborts what it had added): maybe a row's fault
+                    raise
                 raise EngineFault(f"vLLM's encode failed ({type(err).__name__}: {str(err)[:300]}); requests of this "
-                                  "batch may still be queued in its engine, whose next outputs could not be trusted"
+                                  "batch are still queued in its engine, whose next outputs could not be trusted"
                                   ) from err
             for i, out in matched_outputs(sub, ids, masks, outs):
                 data = out.outputs.data.double()
@@ -406,6 +409,14 @@ class VLLMEngine:
             return sum(len(ids[i]) for i in sub)
 
         return run_split(rows, attempt, errors) if rows else 0
+
+
+def _has_queued(llm) -> bool:
+    """Whether vLLM's engine still holds unfinished requests (True when that cannot be told)."""
+    try:
+        return bool(llm.llm_engine.has_unfinished_requests())
+    except Exception:  # noqa: BLE001 - an engine that cannot answer is not to be trusted either
+        return True
 
 
 def matched_outputs(rows: list[int], ids, masks, outs) -> list[tuple[int, Any]]:

@@ -183,9 +183,12 @@ def score_corpus(
 
 
 def selection_fingerprint(cfg: RunConfig, summary: ScoreSummary) -> dict[str, Any]:
-    """What a round's selection is made from: its settings and the scores it reads (every
-    shard's marker: a rescored shard is a new marker)."""
-    return {"selection": cfg.selection.model_dump(mode="json"), "scores": rundir.digest(summary.markers)}
+    """What a round's selection is made from: its settings and the scores it reads (the scores'
+    manifest, and each shard's row counts: a rescored shard whose failed rows now have scores
+    counts as new; one rescored to the same statuses has the same scores)."""
+    manifest = rundir.read_manifest(summary.out_dir)["fingerprint_hash"]
+    shards = [(m["shard_id"], m["rows"], sorted(m["status_counts"].items())) for m in summary.markers]
+    return {"selection": cfg.selection.model_dump(mode="json"), "scores": rundir.digest([manifest, shards])}
 
 
 def select_round(cfg: RunConfig, scores_dir: str, sel_dir: str, shards: list[Shard],

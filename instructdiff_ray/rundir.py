@@ -77,7 +77,11 @@ def join(*parts: str) -> str:
 
 
 def fs_of(url: str):
-    """(filesystem, path inside it) for a local path or an fsspec URL."""
+    """(filesystem, path inside it) for a local path or an fsspec URL. Object stores get a client
+    without fsspec's listings cache: Ray workers on other nodes write markers and records while
+    the driver runs, and a cached listing or size would hide them (or truncate a rewritten file)."""
+    if "://" in url and not url.startswith("file://"):
+        return fsspec.core.url_to_fs(url, use_listings_cache=False)
     return fsspec.core.url_to_fs(url)
 
 
@@ -183,7 +187,7 @@ def clean_temporaries(url: str, older_than_s: float = 0.0) -> int:
     if isinstance(fs, LocalFileSystem):
         if not os.path.isdir(root):
             return 0
-        found = [(os.path.join(d, n), os.lstat(os.path.join(d, n)).st_mtime)
+        found = [(os.path.join(d, n), _local_mtime(os.path.join(d, n)))
                  for d, dirs, files in os.walk(root) for n in files + dirs if _is_temporary(n)]
     else:
         try:
@@ -193,8 +197,8 @@ def clean_temporaries(url: str, older_than_s: float = 0.0) -> int:
         found = [(p, _mtime(info)) for p, info in listing.items() if _is_temporary(p.rsplit("/", 1)[-1])]
     n = 0
     for target, mtime in found:
-        if mtime is not None and now - mtime < older_than_s:
-            continue
+        if older_than_s > 0 and (mtime is None or now - mtime < older_than_s):
+            continue  # possibly a live writer's (an unknown age counts as young)
         with contextlib.suppress(OSError, FileNotFoundError):
             if isinstance(fs, LocalFileSystem) and os.path.isdir(target):
                 shutil.rmtree(target, ignore_errors=True)
@@ -202,6 +206,13 @@ def clean_temporaries(url: str, older_than_s: float = 0.0) -> int:
                 fs.rm(target)
             n += 1
     return n
+
+
+def _local_mtime(path: str) -> float | None:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:  # renamed into place or removed meanwhile
+        return None
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
@@ -252,6 +263,15 @@ def _pid_namespace() -> str | None:
         return None
 
 
+def _boot_id() -> str | None:
+    """This boot of this machine (PID namespaces of different machines can have the same id)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _process_gone(pid: Any) -> bool:
     """Whether no process with this id runs in this PID namespace."""
     try:
@@ -287,8 +307,8 @@ class Lease:
         self.interrupt = interrupt
         self.beat = beat_s if beat_s is not None else ttl_s / 4
         self.id = uuid.uuid4().hex
-        self.info = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "pid_ns": _pid_namespace(),
-                     "argv": sys.argv, "started_at": time.time(), "ttl_s": ttl_s}
+        self.info = {"id": self.id, "host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+                     "pid_ns": _pid_namespace(), "argv": sys.argv, "started_at": time.time(), "ttl_s": ttl_s}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
@@ -299,8 +319,9 @@ class Lease:
         return read_record(self.url)
 
     def _write(self) -> None:
-        write_json(self.url, {**self.info, "heartbeat_at": time.time()})
-        self.renewed_at = time.time()
+        now = time.time()  # what other drivers count the ttl from, so the holder counts from it too
+        write_json(self.url, {**self.info, "heartbeat_at": now})
+        self.renewed_at = now
 
     @staticmethod
     def describe(holder: dict[str, Any]) -> str:
@@ -312,8 +333,8 @@ class Lease:
     def _holder_alive(self, holder: dict[str, Any]) -> bool:
         if time.time() - float(holder.get("heartbeat_at", 0)) > float(holder.get("ttl_s", self.ttl)):
             return False
-        same_processes = holder.get("host") == self.info["host"] and holder.get("pid_ns") == self.info["pid_ns"] \
-            and self.info["pid_ns"] is not None
+        same_processes = all(holder.get(k) == self.info[k] and self.info[k] is not None
+                             for k in ("host", "boot_id", "pid_ns"))
         if same_processes and _process_gone(holder.get("pid")):
             log.info("taking over the lease of pid %s on this host: that process is gone", holder.get("pid"))
             return False
@@ -331,15 +352,27 @@ class Lease:
             raise LeaseHeld(f"{self.run_dir}: another driver took the lease at the same time: "
                             f"{self.describe(holder) if holder else 'unknown'}")
         self._main = threading.current_thread() is threading.main_thread()  # only that thread is interrupted
+        if self._main and self.interrupt:
+            import signal
+
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # `cmd &` from a script: interrupt_main would do nothing
+                signal.signal(signal.SIGINT, signal.default_int_handler)
         self._thread = threading.Thread(target=self._beat, name="instructdiff-lease", daemon=True)
         self._thread.start()
-        removed = clean_temporaries(self.run_dir, older_than_s=self.ttl)
+        try:
+            removed = clean_temporaries(self.run_dir, older_than_s=self.ttl)
+        except BaseException:
+            self.release()
+            raise
         if removed:
             log.info("removed %d temporaries left by an interrupted run", removed)
         return self
 
     def _renew(self) -> bool:
-        """One renewal; False when the lease was taken over (raises on store errors)."""
+        """One renewal; False when the lease was taken over (raises on store errors). An attempt
+        that ends after the lease was released or lost writes nothing."""
+        if self._stop.is_set() or self.lost:
+            return False
         try:
             holder = read_json(self.url)
         except FileNotFoundError:
@@ -353,34 +386,51 @@ class Lease:
     def _beat(self) -> None:
         """Renew every beat; retry failed renewals with backoff while the lease has more than
         half a beat left, each attempt bounded by that time (a store call can hang in retries)."""
-        from concurrent.futures import ThreadPoolExecutor, TimeoutError
-
         interval = self.beat
-        pool = ThreadPoolExecutor(1, thread_name_prefix="instructdiff-lease-io")
-        try:
-            while not self._stop.wait(interval):
-                backoff, error = min(0.25, interval / 4), "no answer"
-                while not self._stop.is_set():
-                    left = self.renewed_at + self.ttl - interval / 2 - time.time()
-                    if left <= 0:
-                        self._lose(f"could not renew the lease on {self.run_dir} within its ttl of {self.ttl:g}s "
-                                   f"(last error: {error}); stopped so that no second driver writes beside this one")
+        while not self._stop.wait(interval):
+            backoff, error = min(0.25, interval / 4), "no answer"
+            while not self._stop.is_set():
+                left = self.renewed_at + self.ttl - interval / 2 - time.time()
+                if left <= 0:
+                    self._lose(f"could not renew the lease on {self.run_dir} within its ttl of {self.ttl:g}s "
+                               f"(last error: {error}); stopped so that no second driver writes beside this one")
+                    return
+                try:
+                    if not self._bounded(self._renew, left):
                         return
-                    try:
-                        if not pool.submit(self._renew).result(timeout=left):
-                            return
-                        break
-                    except TimeoutError:
-                        error = f"a renewal took longer than {left:.1f}s"
-                    except Exception as err:  # any store error: retried while the lease lasts
-                        error = f"{type(err).__name__}: {err}"
-                        log.warning("lease renewal failed (%s); retrying", error)
-                        self._stop.wait(min(backoff, max(left, 0)))
-                        backoff = min(backoff * 2, interval)
-        finally:
-            pool.shutdown(wait=False)
+                    break
+                except TimeoutError:
+                    error = f"a renewal took longer than {left:.1f}s"
+                except Exception as err:  # any store error: retried while the lease lasts
+                    error = f"{type(err).__name__}: {err}"
+                    log.warning("lease renewal failed (%s); retrying", error)
+                    self._stop.wait(min(backoff, max(left, 0)))
+                    backoff = min(backoff * 2, interval)
+
+    @staticmethod
+    def _bounded(fn, timeout: float):
+        """fn() in a daemon thread, waited for at most `timeout` seconds (TimeoutError after that;
+        the call may go on, and a renewal that ends late writes nothing)."""
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                out["value"] = fn()
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                out["error"] = err
+
+        t = threading.Thread(target=run, name="instructdiff-lease-io", daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            raise TimeoutError(f"no answer within {timeout:.1f}s")
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
 
     def _lose(self, why: str) -> None:
+        if self._stop.is_set():  # released meanwhile: nothing to stop
+            return
         self.lost = why
         log.error(why)
         if self.interrupt and self._main:
@@ -511,6 +561,11 @@ def check_or_write_manifest(scores_dir: str, fp: dict[str, Any], plan: list[dict
     (with `recompute`, clear that scores directory, and only it, and start it anew)."""
     url = join(scores_dir, MANIFEST)
     old = read_record(url)
+    if old is None and exists(url):
+        if not recompute:
+            raise FingerprintMismatch(f"{url} is unreadable, so what its scores were made from is unknown; rerun with "
+                                      "--recompute scores to score again, or use a new run directory")
+        old = {"fingerprint": {}, "fingerprint_hash": "", "plan_hash": ""}
     if old is not None:
         diffs = differing_keys(old["fingerprint"], fp) if old["fingerprint_hash"] != digest(fp) else []
         if old["plan_hash"] != digest(plan):
@@ -522,6 +577,7 @@ def check_or_write_manifest(scores_dir: str, fp: dict[str, Any], plan: list[dict
                 f"{scores_dir} holds scores of a different configuration (differs in: {', '.join(diffs)}); "
                 "rerun with --recompute scores to score again (its scores are replaced), or use a new run directory")
         log.warning("%s: scoring again (differs in: %s; --recompute scores)", scores_dir, ", ".join(diffs))
+        clear_dir(join(scores_dir, DONE_DIR))  # markers first: a kill while clearing leaves no shard looking finished
         clear_dir(scores_dir)
     write_json(url, {"fingerprint": fp, "fingerprint_hash": digest(fp), "plan_hash": digest(plan), "plan": plan,
                      "environment": environment, "created_at": time.time()}, point="manifest")
@@ -560,10 +616,11 @@ def finished_markers(scores_dir: str) -> dict[int, dict[str, Any]]:
 
 
 def error_shards(markers: dict[int, dict[str, Any]]) -> dict[int, int]:
-    """shard id -> rows that ended with status `error` (a fault during scoring, such as an out-of-memory
-    error, not a property of the row): such shards are scored again by the next run."""
-    return {sid: int(m["status_counts"].get("error", 0)) for sid, m in markers.items()
-            if int(m.get("status_counts", {}).get("error", 0)) > 0}
+    """shard id -> rows that failed while being scored (status `error` from a fault such as running
+    out of memory; not rows no engine can run, like token ids outside the vocabulary): such shards
+    are scored again by the next run."""
+    retry = {sid: int(m.get("retry_rows", m.get("status_counts", {}).get("error", 0))) for sid, m in markers.items()}
+    return {sid: n for sid, n in retry.items() if n > 0}
 
 
 def unmark_shards(scores_dir: str, shard_ids: list[int]) -> None:

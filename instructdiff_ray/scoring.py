@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from . import rundir
 from .config import RunConfig
-from .corpus import Sample, Shard, iter_unit, normalize_rows
+from .corpus import INVALID_ROW, Sample, Shard, iter_unit, normalize_rows
 from .template import TEMPLATE_ERROR, response_alone, tokenize_samples
 
 log = logging.getLogger(__name__)
@@ -310,13 +310,16 @@ def write_shard(row: dict[str, Any], out_dir: str) -> dict[str, Any]:
     table: pa.Table = data["table"]
     status = table.column("status").to_pylist()
     statuses = Counter(status)
-    reasons = Counter(f"{s}: {r}" for s, r in zip(status, table.column("reason").to_pylist()) if s != "ok")
+    reason = table.column("reason").to_pylist()
+    reasons = Counter(f"{s}: {r}" for s, r in zip(status, reason) if s != "ok")
     n_resp = int(np.sum(table.column("n_response_tokens").to_numpy()))
     marker = {
         "shard_id": shard_id,
         "rows": table.num_rows,
         "status_counts": dict(statuses),
         "reasons": dict(reasons.most_common(5)),  # the shard's most frequent ones, for the run's account
+        # rows that failed while being scored (out of memory, ...), which a rerun tries again
+        "retry_rows": sum(s == SCORE_ERROR and not (r or "").startswith(INVALID_ROW) for s, r in zip(status, reason)),
         "tokens": int(np.sum(table.column("n_prompt_tokens").to_numpy())) + n_resp,
         "response_tokens": n_resp,
         "finished_at": time.time(),

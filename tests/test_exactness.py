@@ -74,7 +74,7 @@ def test_out_of_vocabulary_ids_are_refused_before_the_forward(tiny_model, tiny_l
     bad[5] = ids[5][:-1] + [100_000]
     eng = HFEngine(str(tiny_model), str(tiny_lora), EngineSettings(max_batch_size=12, max_batch_tokens=100_000))
     r = eng.score(bad, masks, "base")
-    assert r.errors == {5: "ValueError: token id 100000 outside the vocabulary (size 512)"}
+    assert r.errors == {5: "invalid row: token id 100000 outside the vocabulary (size 512)"}
     good = [i for i in range(12) if i != 5]
     ref = reference_scores(AutoModelForCausalLM.from_pretrained(tiny_model), [ids[i] for i in good], [masks[i] for i in good])
     np.testing.assert_allclose(np.c_[r.nll[good], r.entropy[good]], ref, atol=1e-4, rtol=0)

@@ -113,6 +113,25 @@ def test_warmup_command_on_a_run_directory_writes_only_its_stage(rerun_dir, caps
     assert after == before
 
 
+def test_select_refuses_unfinished_scores_unless_partial(rerun_dir, capsys):
+    import instructdiff_ray as idr
+    from instructdiff_ray.config import ConfigError
+
+    scores = rerun_dir / "run" / "round-1" / "scores"
+    (scores / "_done" / "shard-00000002.json").unlink()  # as if scoring were still running
+    args = ["select", "--scores", str(scores), "--out", str(rerun_dir / "sel")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not finished (1 of 4 shards, 250 rows, have no output yet)" in err and "--partial" in err
+    assert len(err.splitlines()) == 1 and not (rerun_dir / "sel").exists()
+    with pytest.raises(ConfigError, match="is not finished"):
+        idr.select(str(scores))
+    assert main(args + ["--partial"]) == 0
+    stats = json.loads((rerun_dir / "sel" / "stats.json").read_text())
+    assert stats["rows_total"] == 750
+    assert idr.select(str(scores), partial=True).stats["rows_total"] == 750
+
+
 def test_selected_rows_keep_the_users_fields(two_rounds):
     lines = (two_rounds / "round-2" / "selection" / "selected.jsonl").read_text().splitlines()
     ids = (two_rounds / "round-2" / "selection" / "selected_ids.txt").read_text().split()

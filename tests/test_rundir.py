@@ -73,12 +73,14 @@ def test_a_lease_left_by_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
     holder = {"id": "x", "host": __import__("socket").gethostname(), "pid": pid, "pid_ns": os.readlink("/proc/self/ns/pid"),
-              "started_at": time.time(), "heartbeat_at": time.time(), "ttl_s": 120}
+              "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(), "started_at": time.time(),
+              "heartbeat_at": time.time(), "ttl_s": 120}
     rundir.write_json(str(tmp_path / rundir.LEASE), holder)
     with Lease(str(tmp_path), ttl_s=120) as lease:
         assert rundir.read_json(str(tmp_path / rundir.LEASE))["id"] == lease.id
-    # a live process (this one's parent), another host, another container on this host: refused until the ttl runs out
-    for other in ({"pid": os.getppid()}, {"host": "another-host"}, {"pid_ns": "pid:[1]"}):
+    # a live process (this one's parent), another host, another container on this host, another machine of the same
+    # host name: refused until the ttl runs out
+    for other in ({"pid": os.getppid()}, {"host": "another-host"}, {"pid_ns": "pid:[1]"}, {"boot_id": "another-boot"}):
         rundir.write_json(str(tmp_path / rundir.LEASE), {**holder, **other, "heartbeat_at": time.time()})
         with pytest.raises(LeaseHeld, match="in use by another driver"):
             Lease(str(tmp_path), ttl_s=120).acquire()
