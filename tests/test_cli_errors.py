@@ -76,3 +76,16 @@ def test_pools_are_refused_for_the_hf_engine(tmp_path, gsm8k, capsys):
     assert main(["run", "--data", str(gsm8k), "--base", "smollm2", "--out", str(tmp_path / "o"),
                  "--set", "engine.placement=pools", "--dry-run"]) == 2
     assert "engine.placement: pools is for the vllm engine" in _one_line(capsys)
+
+
+def test_set_takes_lists_and_words(tmp_path, gsm8k, capsys):
+    """`--set 'data.paths=[...]'` sets a list; `--set progress=on` stays the word (YAML would read a boolean)."""
+    import json
+
+    args = ["run", "--data", str(tmp_path / "not-this.jsonl"), "--base", "smollm2", "--out", str(tmp_path / "o"),
+            "--set", f"data.paths=[{gsm8k}]", "--set", "progress=on", "--limit", "10", "--dry-run"]
+    assert main(args) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["files"] == [str(gsm8k)] and plan["rows"] == 10
+    assert main(args[:-1] + ["--set", "data.paths=[unclosed", "--dry-run"]) == 2
+    assert "--set data.paths: cannot read" in _one_line(capsys)
