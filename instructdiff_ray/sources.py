@@ -16,8 +16,8 @@ import json
 import re
 from pathlib import Path
 
-import fsspec
 
+from . import rundir
 from .config import ConfigError
 
 HUB_PREFIX = "hf://datasets/"
@@ -92,7 +92,7 @@ def local(url: str) -> str:
 def disk_dataset_files(url: str, split: str | None) -> list[str] | None:
     """The Arrow files of a `save_to_disk` directory (a Dataset, or one split of a DatasetDict),
     or None when `url` is not one. Its JSON sidecars are metadata, never data."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = rundir.fs_of(url)
     protocol = url.split("://")[0] + "://" if "://" in url else ""
     join = lambda *p: "/".join([root.rstrip("/"), *p])  # noqa: E731
     if fs.exists(join("dataset_dict.json")):

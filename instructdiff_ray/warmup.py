@@ -276,7 +276,7 @@ def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -
     (local / "loss.json").write_text(json.dumps(history))
     merged_digest = model_digest(str(local / "merged"))
     if "://" in out_dir:
-        fs, root = fsspec.core.url_to_fs(out_dir)
+        fs, root = rundir.fs_of(out_dir)
         fs.put(str(local) + "/", root, recursive=True)
         shutil.rmtree(local, ignore_errors=True)
     return merged_digest

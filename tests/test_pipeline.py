@@ -73,7 +73,8 @@ def test_every_row_accounted_for_with_status(tmp_path, ray_local, tiny_model, ti
     lines[20] = json.dumps({"question": "no mapping", "answer": 3})
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    cfg = make_config(tmp_path, [data], tiny_model, data={"shard_rows": 8, "preset": "alpaca"}, template={"max_length": 256})
+    cfg = make_config(tmp_path, [data], tiny_model, data={"shard_rows": 8, "preset": "alpaca"}, template={"max_length": 256},
+                      run={"max_invalid_fraction": 0.5})  # 4 of 30 rows are unusable input: over the default limit
     summary = score_corpus(cfg, cfg.out, warmup=str(tiny_lora))
     t = _table(cfg.out).to_pydict()
     assert t["source_row"] == list(range(30))

@@ -109,9 +109,10 @@ def test_tiny_vllm_equals_hf_and_float64_with_and_without_warmup(tiny_host, tiny
 
 
 def test_an_error_inside_encode_never_puts_scores_on_other_rows(ray_local, tiny_host, tiny_model, gsm8k, arm_fault):
-    """An exception inside vLLM's engine loop leaves the call's other requests queued, and the
-    engine's next call returns them first. Both calls end in EngineFault (the scoring actor ends
-    and is restarted), never in scores on other rows; a clean engine scores the rows as before."""
+    """An exception inside vLLM's engine loop may leave the call's other requests queued, and the
+    engine's next call would return them first. The failing call ends in EngineFault (the scoring
+    actor ends and is restarted); the next call on the same engine either ends in EngineFault too
+    or returns the right scores, never scores on other rows; a clean engine scores the rows as before."""
     ids, masks = _tokenized(tiny_model, gsm8k, 8)
     clean = _vllm(tiny_host, ids, masks, "base")
     host = _host(ray_local, tiny_model, None, max_num_batched_tokens=128, max_num_seqs=16)  # several steps per call
@@ -120,8 +121,13 @@ def test_an_error_inside_encode_never_puts_scores_on_other_rows(ray_local, tiny_
         with pytest.raises(ray_local.exceptions.RayTaskError, match="vLLM's encode failed"):
             ray_local.get(host.score.remote(ids, masks, "base"))
         arm_fault("")
-        with pytest.raises(ray_local.exceptions.RayTaskError, match="outputs for 8 requests|does not belong"):
-            ray_local.get(host.score.remote(ids, masks, "base"))  # the queued requests come back first
+        try:
+            again, errors, _ = ray_local.get(host.score.remote(ids, masks, "base"))
+        except ray_local.exceptions.RayTaskError as err:
+            assert "outputs for 8 requests" in str(err) or "does not belong" in str(err), str(err)[-2000:]
+        else:
+            assert not errors
+            np.testing.assert_allclose(again, clean, atol=1e-6, rtol=0)
     finally:
         ray_local.kill(host)
     np.testing.assert_allclose(_vllm(tiny_host, ids, masks, "base"), clean, atol=1e-6, rtol=0)
