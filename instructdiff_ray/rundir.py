@@ -104,7 +104,8 @@ def open_atomic(url: str, mode: str = "wb") -> Iterator[Any]:
     (fsspec's close() would otherwise finish the upload of a partial object)."""
     fs, path = fs_of(url)
     parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
-    tmp = join(parent, f".{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}") if parent else f".{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+    tmp_name = f".{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+    tmp = join(parent, tmp_name) if parent else tmp_name
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if not isinstance(fs, LocalFileSystem):
