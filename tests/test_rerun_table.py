@@ -150,7 +150,8 @@ def fingerprints(cfg: RunConfig, ctx) -> dict[str, str]:
     # the scores' warmup model: the given one, else the one trained from `warm` (its identity follows it)
     warm_model = cfg.model.warmup or str(ctx["lora"])
     scores = pipeline.fingerprint(cfg, plan, base, warm_model, None)
-    summary = pipeline.ScoreSummary("s", 1, 0, 1, {"ok": 1}, 0, 0, 0.0, 0.0, 0.0, markers=[{"shard_id": 0}])
+    summary = pipeline.ScoreSummary(str(ctx["scores"]), 1, 0, 1, {"ok": 1}, 0, 0, 0.0, 0.0, 0.0,
+                                    markers=[{"shard_id": 0, "rows": 1, "status_counts": {"ok": 1}}])
     sel = pipeline.selection_fingerprint(cfg, summary)
     cmp = compare_fingerprint(cfg, str(ctx["scores"]), load_heldout(cfg)) if cfg.compare else None
     return {"warmup": rundir.digest(warm), "scores": rundir.digest([scores, plan.shards and [s.to_dict() for s in plan.shards]]),
