@@ -24,7 +24,7 @@ from . import rundir
 from .config import SelectionConfig
 from .corpus import Shard
 from .faults import kill_point
-from .strategies import BASE_SCORE_STRATEGIES, FILTERED_STRATEGIES, IFD_STRATEGIES, STRATEGIES
+from .strategies import BASE_SCORE_STRATEGIES, FILTERED_STRATEGIES, IFD_STRATEGIES
 
 log = logging.getLogger(__name__)
 

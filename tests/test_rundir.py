@@ -2,7 +2,6 @@
 injects 503s and outages): atomic writes, unreadable records, the lease through store faults,
 temporaries, object keys, reads sized to the work."""
 
-import json
 import os
 import subprocess
 import sys
