@@ -246,7 +246,7 @@ class RunConfig(_Strict):
                             "progress bars and execution logs")
 
     @model_validator(mode="after")
-    def _ifd(self) -> "RunConfig":
+    def _across_sections(self) -> "RunConfig":
         if self.engine.name == "hf" and self.engine.placement == "pools":
             raise ValueError("engine.placement: pools is for the vllm engine (one engine per model and GPU); the hf "
                              "engine holds the base once and serves a LoRA warmup from it: use together or auto")

@@ -149,12 +149,11 @@ def write_run_report(run_dir: str) -> dict[str, str]:
     sections, md = [], [f"# InstructDiff run summary\n\nRun directory: `{run_dir}`  \nWall time: {summary['wall_seconds']:.1f} s\n"]
     for rnd in summary["rounds"]:
         k = rnd["round"]
-        rdir = rundir.round_dir(run_dir, k)
-        scores = _Scores(load_scores(rundir.join(rdir, "scores")))
+        scores = _Scores(load_scores(rundir.scores_dir(run_dir, k)))
         fs, sel_path = rundir.fs_of(rnd["paths"]["scores"])
         with fs.open(sel_path, "rb") as f:
             sel = pq.read_table(f, columns=["sample_id"]).to_pydict()
-        loss_url = rundir.join(rdir, "warmup", "loss.json")
+        loss_url = rundir.join(rundir.warmup_dir(run_dir, k), "loss.json")
         loss = rundir.read_json(loss_url) if rundir.exists(loss_url) else None
         stats = rnd["selection"]
         figs = _plots(scores, sel, stats, loss)
