@@ -102,12 +102,20 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "otherwise); warmup also rescores what was scored with it")
 
 
+def _logged(args: argparse.Namespace, cfg: RunConfig):
+    """This command's stderr kept in the run directory's log; the terminal gets the lines for a person."""
+    from .console import run_log
+
+    return run_log(cfg.out, cfg.progress, verbose=args.verbose)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from .pipeline import check_config, score_job
 
     cfg = config_from_args(args)
     check_config(cfg)
-    summary = score_job(cfg)
+    with _logged(args, cfg):
+        summary = score_job(cfg)
     print(json.dumps(summary.to_dict(), indent=2))
     return EXIT_OK
 
@@ -120,7 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(plan_summary(cfg), indent=2))
         return EXIT_OK
-    result = run_job(cfg)
+    with _logged(args, cfg):
+        result = run_job(cfg)
     final = result["final_selection"]
     print(f"selected data: {final.get('data', '(not exported)')}\nstats: {final['stats']}\nreport: {cfg.out.rstrip('/')}/report/index.html")
     return EXIT_OK
@@ -157,7 +166,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     check_config(cfg)
-    with Lease(cfg.out, cfg.run.lease_ttl_s):
+    with _logged(args, cfg), Lease(cfg.out, cfg.run.lease_ttl_s):
         shards = load_plan(cfg.data, cfg.out).shards
         samples = collect_samples(cfg, shards, ordinals=draw_rows(shards, cfg.warmup.alpha, cfg.warmup.count, cfg.warmup.seed))
         result = train_warmup(cfg, samples, warmup_dir(cfg.out, 1))
@@ -202,7 +211,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "progress": args.progress or "on",
     }
     cfg = build_config(tree, parse_overrides(args.set or []))
-    result = run_job(cfg)
+    with _logged(args, cfg):
+        result = run_job(cfg)
     final = result["final_selection"]
     stats = result["rounds"][-1]["selection"]
     print(f"\ndemo finished in {result['wall_seconds']:.0f} s: {stats['selected_rows']} of {stats['rows_scored']} HumanEval tasks selected")
@@ -227,7 +237,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .rundir import Lease
 
     cfg = compare_config(args)
-    with Lease(cfg.out, cfg.run.lease_ttl_s):
+    with _logged(args, cfg), Lease(cfg.out, cfg.run.lease_ttl_s):
         table = compare_run(cfg)
     print(comparison_markdown(table))
     print(f"computed {len(table['computed'])} units, reused {len(table['reused'])}; "

@@ -17,6 +17,7 @@ from typing import Any
 from . import rundir
 from .config import MODEL_FORMS, ConfigError, RunConfig
 from .corpus import INVALID_STATUSES, Plan, Shard, list_files, load_plan, read_units
+from .console import current_log
 from .progress import Progress
 from .rundir import FingerprintMismatch, LeaseHeld
 from .runtime import code_version, environment, gpus_per_actor, init_ray
@@ -433,7 +434,9 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
     from .warmup import collect_samples, draw_rows, train_warmup
 
     t0 = time.monotonic()
-    Progress("run", 1, cfg.progress).note(f"run directory {cfg.out}; from another terminal: instructdiff status {cfg.out}")
+    log_at = current_log()
+    Progress("run", 1, cfg.progress).note(f"run directory {cfg.out}; from another terminal: instructdiff status {cfg.out}"
+                                          + (f"\n[run] full log (Ray's own output included): {log_at}" if log_at else ""))
     rundir.record_invocation(cfg.out, cfg.model_dump(mode="json"), environment())
     plan = load_plan(cfg.data, cfg.out)
     shards = plan.shards

@@ -58,6 +58,7 @@ COMPARE_DIR = "compare"
 COMPARE_MANIFEST = "_compare.json"
 UNIT_DONE = "_UNIT_DONE.json"
 EXPORT_PARTS = "_export"  # part files of an export in progress
+LOGS_DIR = "_logs"  # one log file per command run on the run directory (console.run_log)
 TMP_SUFFIX = ".tmp"
 
 
@@ -496,6 +497,10 @@ def check_run_dir(url: str) -> None:
     if not (any(exists(join(url, name)) for name in (RUN_CONFIG, PLAN, LEASE, MANIFEST)) or round_dirs(url)):
         raise ConfigError(f"{url} is not a run directory (no {RUN_CONFIG}, {PLAN}, {MANIFEST} or round-*/); "
                           "give the --out of a run or score command")
+
+
+def log_file(run_dir: str, name: str) -> str:
+    return join(run_dir, LOGS_DIR, name)
 
 
 def round_dir(run_dir: str, k: int) -> str:
