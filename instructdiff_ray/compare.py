@@ -31,6 +31,7 @@ from .config import CompareConfig, ConfigError, RunConfig
 from .corpus import Sample, load_plan, samples_digest
 from .faults import armed, kill_point
 from .progress import Progress
+from .records import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def scores_of_run(run_dir: str) -> str:
     """The finished run's last-round scores (its ΔH and ΔNLL are what the final selection used)."""
     if not rundir.exists(rundir.join(run_dir, rundir.RUN_SUMMARY)):
         raise ConfigError(f"{run_dir} holds no finished run (no {rundir.RUN_SUMMARY}); run the job to its end first")
-    last = rundir.read_run_summary(run_dir)["rounds"][-1]["round"]
+    last = RunSummary.from_dict(rundir.read_run_summary(run_dir)).rounds[-1].round
     return rundir.scores_dir(run_dir, last)
 
 
@@ -144,7 +145,7 @@ def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) ->
         settings = (dict(strategy="longest", budget=1.0, budget_unit="samples") if strategy == FULL else
                     budget_settings(cfg) | {"strategy": strategy, "seed": seed})
         name = f"{strategy}-seed-{seed}" if strategy == "random" else strategy
-        sel_dir = rundir.join(rundir.compare_dir(cfg.out), "selections", name)
+        sel_dir = rundir.compare_selection_dir(cfg.out, name)
         commit = rundir.committed_selection(sel_dir)
         if commit is None:
             sel = select(table, SelectionConfig(**settings))
@@ -214,7 +215,7 @@ def pick_metric(c: CompareConfig, metrics: dict[str, float]) -> tuple[str, float
     return next(iter(metrics.items()))
 
 
-def run_unit(cfg: RunConfig, unit: str, udir: str, samples: list[Sample] | None, heldout: list[Sample],
+def run_unit(cfg: RunConfig, unit: str, samples: list[Sample] | None, heldout: list[Sample],
              info: dict[str, Any]) -> dict[str, Any]:
     """Train (unless `samples` is None: the base model), evaluate, then write the unit's marker."""
     from .models import pin, resolve_model
@@ -227,7 +228,7 @@ def run_unit(cfg: RunConfig, unit: str, udir: str, samples: list[Sample] | None,
     if samples is None:
         model_dir = resolve_model(pin(cfg.model.base))
     else:
-        result = train_warmup(cfg, samples, rundir.join(udir, "model"), on_step=step_printer(cfg, f"compare {unit}"),
+        result = train_warmup(cfg, samples, rundir.unit_model_dir(cfg.out, unit), on_step=step_printer(cfg, f"compare {unit}"),
                               in_process=True)
         train = asdict(result)
         model_dir = resolve_model(result.merged_dir)
@@ -243,7 +244,7 @@ def run_unit(cfg: RunConfig, unit: str, udir: str, samples: list[Sample] | None,
            "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "cpus": cfg.ray.cpus_per_actor, "finished_at": time.time()}
     if armed("compare.before_unit_marker") == unit:
         kill_point("compare.before_unit_marker")
-    rundir.write_unit_result(udir, out)
+    rundir.write_unit_result(cfg.out, unit, out)
     return out
 
 
@@ -266,11 +267,12 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     if overlap:
         raise ConfigError(f"{len(overlap)} of {len(heldout)} held-out rows are also in the pool (first: {overlap[0]}); "
                           "a held-out set must not share a sample with what the models train on (see compare.eval_skip)")
-    rundir.check_or_write_compare_manifest(cfg.out, fingerprint(cfg, scores_dir, heldout))
+    rundir.compare_stage(cfg.out).open(fingerprint(cfg, scores_dir, heldout), replace=False)
     wanted = [(s, seed) for s in c.strategies for seed in (c.full_seeds if s == FULL and c.full_seeds else c.seeds)]
     plans = remote_call(plan_units, cfg, scores_dir, wanted)
     names = [BASE_UNIT, *plans]
-    done = {n: rundir.unit_result(rundir.unit_dir(cfg.out, n)) for n in names}
+    finished = rundir.compare_stage(cfg.out).items()
+    done = {n: finished.get(n) for n in names}
     pending = [n for n in names if done[n] is None]
     progress = Progress("compare", len(names), cfg.progress, unit="units")
     progress.update(len(names) - len(pending))
@@ -288,7 +290,7 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
             samples = collect_samples(cfg, shards, rows={f: set(r) for f, r in plans[name]["rows"].items()})
         ucfg = cfg.model_copy(update={"warmup": train.model_copy(update={"seed": info["seed"] or 0}),
                                       "engine": cfg.engine.model_copy(update={"threads": threads})})
-        running[task.remote(ucfg, name, rundir.unit_dir(cfg.out, name), samples, heldout_ref, info)] = name
+        running[task.remote(ucfg, name, samples, heldout_ref, info)] = name
     failed: dict[str, str] = {}
     while running:
         ready, _ = ray.wait(list(running), num_returns=1)
@@ -418,7 +420,7 @@ def comparison_plot(table: dict[str, Any]) -> bytes:
 
 
 def write_comparison(run_dir: str, table: dict[str, Any]) -> None:
-    root = rundir.compare_dir(run_dir)
-    rundir.write_json(rundir.join(root, "comparison.json"), table, indent=2)
-    rundir.write_bytes(rundir.join(root, "comparison.md"), comparison_markdown(table).encode())
-    rundir.write_bytes(rundir.join(root, "comparison.png"), comparison_plot(table))
+    files = rundir.compare_files(run_dir)
+    rundir.write_json(files["json"], table, indent=2)
+    rundir.write_bytes(files["md"], comparison_markdown(table).encode())
+    rundir.write_bytes(files["png"], comparison_plot(table))

@@ -44,10 +44,6 @@ def output_format(sources: list[str], requested: str) -> str:
     return "hf" if fmt == "arrow" else fmt
 
 
-def output_path(sel_dir: str, fmt: str) -> str:
-    return rundir.join(sel_dir, "selected_dataset" if fmt == "hf" else f"selected.{fmt}")
-
-
 def missing_sources(sources: list[str]) -> list[str]:
     out = []
     for src in sources:
@@ -69,7 +65,7 @@ def export_selection(rows: pa.Table, plan: list[Shard] | None, sel_dir: str, fmt
     picks = {sid: list(zip(row[i].tolist(), rank[i].tolist())) for sid, i in rows_by_shard(shards, src, row).items()}
     units = read_units([s for s in shards if s.shard_id in picks])
     per_task = max(1, -(-len(units) // MAX_PARTS))
-    parts_dir = rundir.join(sel_dir, rundir.EXPORT_PARTS)
+    parts_dir = rundir.export_parts_dir(sel_dir)
     rundir.clear_dir(parts_dir)
     jobs = []
     for i in range(0, len(units), per_task):
@@ -80,7 +76,7 @@ def export_selection(rows: pa.Table, plan: list[Shard] | None, sel_dir: str, fmt
     written = sum(p["records"] for p in parts)
     if written != len(rank):
         raise RuntimeError(f"export found {written} of {len(rank)} selected records; the input changed since it was scored")
-    out = output_path(sel_dir, fmt)
+    out = rundir.export_path(sel_dir, fmt)
     records = heapq.merge(*(_read_part(p["url"]) for p in parts), key=lambda x: x[0])
     _WRITERS[fmt](out, (rec for _, rec in records), parts)
     rundir.clear_dir(parts_dir)

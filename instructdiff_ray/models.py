@@ -282,10 +282,10 @@ def merged_warmup(adapter_spec: str, base_dir: str) -> str:
     warmup stamp recorded; otherwise the adapter is merged once into the cache (keyed by digests)."""
     import torch
 
-    from .rundir import merged_digest_ok
+    from .rundir import merged_digest_ok, warmup_files
 
     adapter_dir = resolve_model(adapter_spec)
-    sibling = adapter_spec.rstrip("/").rsplit("/", 1)[0] + "/merged"
+    sibling = warmup_files(adapter_spec.rstrip("/").rsplit("/", 1)[0])["merged"]
     if kind(sibling) == "local" and Path(sibling, "config.json").exists():
         if merged_digest_ok(sibling, model_digest(sibling)):
             return sibling

@@ -11,7 +11,6 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import rundir
@@ -19,6 +18,7 @@ from .config import MODEL_FORMS, ConfigError, RunConfig
 from .corpus import INVALID_STATUSES, Plan, Shard, list_files, load_plan, read_units
 from .console import current_log
 from .progress import Progress
+from .records import RoundRecord, RunSummary, ScoreSummary, SelectionStats
 from .rundir import FingerprintMismatch, LeaseHeld
 from .runtime import code_version, environment, gpus_per_actor, init_ray
 from .scoring import ERROR_STATUSES, QUARANTINE_STATUSES, ScoreActor, tokenize_unit, write_shard
@@ -31,32 +31,6 @@ __all__ = ["FingerprintMismatch", "LeaseHeld", "TooManyErrors", "score_corpus", 
 class TooManyErrors(RuntimeError):
     """More rows failed (or were unusable input) than `run.max_error_fraction` (`run.max_invalid_fraction`)
     allows; everything scored is kept."""
-
-
-@dataclass
-class ScoreSummary:
-    out_dir: str
-    shards_total: int
-    shards_skipped: int
-    rows: int
-    status_counts: dict[str, int]
-    base_tokens: int
-    warmup_tokens: int
-    base_seconds: float
-    warmup_seconds: float
-    wall_seconds: float
-    tokenize_seconds: float = 0.0  # worker-seconds of read + tokenize, summed over shards
-    alone_tokens: int = 0  # template.ifd: the extra base pass over responses alone (its cost)
-    alone_seconds: float = 0.0
-    write_seconds: float = 0.0  # worker-seconds of writing shard files
-    markers: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "markers"}
-        d["base_tokens_per_s"] = self.base_tokens / self.base_seconds if self.base_seconds else None
-        d["warmup_tokens_per_s"] = self.warmup_tokens / self.warmup_seconds if self.warmup_seconds else None
-        d["too_long_share"] = self.status_counts.get("too_long", 0) / self.rows if self.rows else 0.0
-        return d
 
 
 def fingerprint(
@@ -85,7 +59,7 @@ def prepare_out_dir(out_dir: str, fp: dict[str, Any], shards: list[Shard], recom
     """Write or check the manifest (a different one is refused, or with `recompute` cleared);
     return the shards that still need work: those without a marker, and those whose rows
     ended in `error` (a fault while scoring, e.g. out of memory), which are scored again."""
-    rundir.check_or_write_manifest(out_dir, fp, [s.to_dict() for s in shards], environment(), recompute=recompute)
+    rundir.open_scores(out_dir, fp, [s.to_dict() for s in shards], environment(), recompute=recompute)
     done = rundir.finished_markers(out_dir)
     retry = rundir.error_shards(done)
     if retry:
@@ -414,7 +388,7 @@ def score_job(cfg: RunConfig) -> ScoreSummary:
         return score_corpus(cfg, cfg.out, warmup=cfg.model.warmup)
 
 
-def run_job(cfg: RunConfig) -> dict[str, Any]:
+def run_job(cfg: RunConfig) -> RunSummary:
     """warmup → score → select for K rounds in one run directory; every step resumes.
 
     Round 1 scores base and warmup; round k ≥ 2 trains a new warmup from the base on round
@@ -426,7 +400,7 @@ def run_job(cfg: RunConfig) -> dict[str, Any]:
         return _run_rounds(cfg, lease)
 
 
-def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
+def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> RunSummary:
     from .report import write_run_report
     from .runtime import remote_call
     from .tracking import log_run
@@ -440,7 +414,7 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
     rundir.record_invocation(cfg.out, cfg.model_dump(mode="json"), environment())
     plan = load_plan(cfg.data, cfg.out)
     shards = plan.shards
-    rounds: list[dict[str, Any]] = []
+    rounds: list[RoundRecord] = []
     train_rows: dict[str, set[int]] | None = None
     for k in range(1, cfg.rounds + 1):
         timings: dict[str, float] = {}
@@ -480,21 +454,20 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> dict[str, Any]:
         Progress(f"select r{k}", 1, cfg.progress).note(
             f"{stats['selected_rows']} of {stats['rows_scored']} rows selected -> {paths.get('data', 'ids and scores only (records not exported)')}")
         train_rows = selected_rows(paths["scores"]) if k < cfg.rounds else None
-        rounds.append({"round": k, "warmup": warm_info, "scoring": summary.to_dict(), "selection": stats,
-                       "paths": paths, "timings": timings})
-    result = {"run_dir": cfg.out, "rounds": rounds, "final_selection": rounds[-1]["paths"],
-              "wall_seconds": time.monotonic() - t0}
-    rundir.write_run_summary(cfg.out, result)
+        rounds.append(RoundRecord(round=k, warmup=warm_info, scoring=summary, selection=SelectionStats.from_dict(stats),
+                                  paths=paths, timings=timings))
+    result = RunSummary(run_dir=cfg.out, rounds=rounds, wall_seconds=time.monotonic() - t0)
+    rundir.write_run_summary(cfg.out, result.to_dict())
     if cfg.compare:  # fine-tune on each strategy's pick; writes the report with its comparison
         from .compare import compare_run
 
         lease.check()
         table = compare_run(cfg)
-        result["compare"] = {k: table[k] for k in ("strategies", "metric", "heldout_rows", "cpu_minutes")}
-        rundir.write_run_summary(cfg.out, result)
+        result.compare = {k: table[k] for k in ("strategies", "metric", "heldout_rows", "cpu_minutes")}
+        rundir.write_run_summary(cfg.out, result.to_dict())
     else:
         remote_call(write_run_report, cfg.out)
-    result["mlflow_run_id"] = log_run(cfg, result)
-    if result["mlflow_run_id"]:
-        rundir.write_run_summary(cfg.out, result)
+    result.mlflow_run_id = log_run(cfg, result)
+    if result.mlflow_run_id:
+        rundir.write_run_summary(cfg.out, result.to_dict())
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import rundir
+from .records import RunSummary
 
 
 CAPTIONS = {
@@ -145,25 +146,25 @@ def write_run_report(run_dir: str) -> dict[str, str]:
 
     from .selection import load_scores
 
-    summary = rundir.read_run_summary(run_dir)
-    sections, md = [], [f"# InstructDiff run summary\n\nRun directory: `{run_dir}`  \nWall time: {summary['wall_seconds']:.1f} s\n"]
-    for rnd in summary["rounds"]:
-        k = rnd["round"]
+    summary = RunSummary.from_dict(rundir.read_run_summary(run_dir))
+    sections, md = [], [f"# InstructDiff run summary\n\nRun directory: `{run_dir}`  \nWall time: {summary.wall_seconds:.1f} s\n"]
+    for rnd in summary.rounds:
+        k = rnd.round
         scores = _Scores(load_scores(rundir.scores_dir(run_dir, k)))
-        fs, sel_path = rundir.fs_of(rnd["paths"]["scores"])
+        fs, sel_path = rundir.fs_of(rnd.paths["scores"])
         with fs.open(sel_path, "rb") as f:
             sel = pq.read_table(f, columns=["sample_id"]).to_pydict()
-        loss_url = rundir.join(rundir.warmup_dir(run_dir, k), "loss.json")
+        loss_url = rundir.warmup_files(rundir.warmup_dir(run_dir, k))["loss"]
         loss = rundir.read_json(loss_url) if rundir.exists(loss_url) else None
-        stats = rnd["selection"]
+        stats = rnd.selection.to_dict()
         figs = _plots(scores, sel, stats, loss)
         imgs = []
         for name, data in figs.items():
-            rundir.write_bytes(rundir.join(run_dir, "report", f"round-{k}", f"{name}.png"), data)
+            rundir.write_bytes(rundir.report_plot(run_dir, name, k), data)
             b64 = base64.b64encode(data).decode()
             imgs.append(f'<figure><img alt="{name}" data-name="round-{k}/{name}.png" src="data:image/png;base64,{b64}">'
                         f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>")
-        sc = rnd["scoring"]
+        sc = rnd.scoring.to_dict()
         budget = stats["budget"]
         lines = [
             f"## Round {k}\n",
@@ -180,19 +181,20 @@ def write_run_report(run_dir: str) -> dict[str, str]:
             f"- ΔH median all {_num(stats['delta_entropy']['all']['q50'])} vs selected {_num(stats['delta_entropy']['selected']['q50'])}",
             f"- scoring: {sc['rows']} rows in {sc['shards_total']} shards ({sc['shards_skipped']} resumed); "
             f"base pass {sc['base_tokens']} tok ({_rate(sc['base_tokens_per_s'])}), warmup pass {sc['warmup_tokens']} tok ({_rate(sc['warmup_tokens_per_s'])})",
-            "- timings: " + ", ".join(f"{k2} {v:.1f}" for k2, v in rnd["timings"].items()),
-            f"- selected data: `{rnd['paths'].get('data', '(not exported)')}`\n",
+            "- timings: " + ", ".join(f"{k2} {v:.1f}" for k2, v in rnd.timings.items()),
+            f"- selected data: `{rnd.paths.get('data', '(not exported)')}`\n",
         ]
         md += lines
         sections.append(f"<h2>Round {k}</h2>{_md_html(chr(10).join(lines[1:]))}" + "".join(imgs))
-    compare_url = rundir.join(rundir.compare_dir(run_dir), "comparison.json")
+    compare_files = rundir.compare_files(run_dir)
+    compare_url = compare_files["json"]
     if rundir.exists(compare_url):  # instructdiff compare: fine-tuned on each strategy's pick
         from .compare import comparison_markdown
 
         text = comparison_markdown(rundir.read_json(compare_url))
-        fs, png_path = rundir.fs_of(rundir.join(rundir.compare_dir(run_dir), "comparison.png"))
+        fs, png_path = rundir.fs_of(compare_files["png"])
         png = fs.cat_file(png_path)
-        rundir.write_bytes(rundir.join(run_dir, "report", "comparison.png"), png)
+        rundir.write_bytes(rundir.report_plot(run_dir, "comparison"), png)
         md += ["## Comparison: fine-tuned on each strategy's pick\n", text]
         sections.append("<h2>Comparison: fine-tuned on each strategy's pick</h2>" + _md_html(text)
                         + f'<figure><img alt="comparison" data-name="comparison.png" src="data:image/png;base64,'
@@ -204,7 +206,7 @@ def write_run_report(run_dir: str) -> dict[str, str]:
             "figcaption{color:#444;font-size:0.9em}table{border-collapse:collapse}td,th{border:1px solid #bbb;"
             "padding:2px 8px}td{text-align:right}code{background:#f2f2f2}</style>"
             f"</head><body><h1>InstructDiff run report</h1><p>{html.escape(run_dir)}</p>{''.join(sections)}</body></html>")
-    paths = {"html": rundir.join(run_dir, "report", "index.html"), "summary": rundir.join(run_dir, "report", "summary.md")}
+    paths = rundir.report_files(run_dir)
     rundir.write_bytes(paths["html"], page.encode("utf-8"))
     rundir.write_bytes(paths["summary"], ("\n".join(md) + "\n").encode("utf-8"))
     return paths
@@ -236,7 +238,7 @@ def _scores_dirs(run_dir: str) -> list[tuple[str, str]]:
     """(label, scores dir) for a run directory (every round) or a bare scores directory."""
     if rundir.is_scores_dir(run_dir):
         return [("scores", run_dir)]
-    return [(r.rsplit("/", 1)[-1], rundir.join(r, "scores")) for r in rundir.round_dirs(run_dir)]
+    return [(r.rsplit("/", 1)[-1], rundir.stage_dirs(r)["scores"]) for r in rundir.round_dirs(run_dir)]
 
 
 def run_status(run_dir: str) -> str:
@@ -253,8 +255,8 @@ def run_status(run_dir: str) -> str:
         alive = time.time() - float(lease.get("heartbeat_at", 0)) <= float(lease.get("ttl_s", 0))
         out.append(f"driver: {'running' if alive else 'gone (lease expired)'}, {rundir.Lease.describe(lease)}")
     for label, sdir in dirs:
-        rdir = sdir.rsplit("/", 1)[0]
-        warm = "done" if rundir.warmup_stamp(rundir.join(rdir, "warmup")) else ("given" if label != "scores" else "-")
+        stages = rundir.stage_dirs(sdir.rsplit("/", 1)[0])
+        warm = "done" if rundir.warmup_stamp(stages["warmup"]) else ("given" if label != "scores" else "-")
         if not rundir.is_scores_dir(sdir):
             out.append(f"{label}: warmup {warm}; scoring not started")
             continue
@@ -274,7 +276,7 @@ def run_status(run_dir: str) -> str:
         elapsed = (max(m["finished_at"] for m in markers) - manifest["created_at"]) if markers else 0
         rate = rows_done / elapsed if elapsed > 0 else 0
         eta = (rows_total - rows_done) / rate if rate else None
-        commit = rundir.committed_selection(rundir.join(rdir, "selection"))
+        commit = rundir.committed_selection(stages["selection"])
         stage = "selected" if commit else ("scoring" if len(done_ids) < len(plan) else "scored")
         out.append(
             f"{label}: stage {stage}; warmup {warm}; shards {len(done_ids)}/{len(plan)} done, "
@@ -309,7 +311,7 @@ def inspect_run(run_dir: str, n: int = 5, round_k: int | None = None) -> str:
     label, sdir = dirs[-1] if round_k is None else dirs[round_k - 1]
     table = load_scores(sdir)
     ok = table.filter(pc.equal(table.column("status"), "ok"))
-    commit = rundir.committed_selection(rundir.join(sdir.rsplit("/", 1)[0], "selection"))
+    commit = rundir.committed_selection(rundir.stage_dirs(sdir.rsplit("/", 1)[0])["selection"])
     selected: set[str] = set()
     if commit:
         fs, sel_path = rundir.fs_of(commit["paths"]["scores"])

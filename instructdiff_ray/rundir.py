@@ -1,6 +1,5 @@
-"""Everything persisted: paths, atomic writes, the lease, manifests and fingerprints, shard
-markers, stage stamps and the selection commit. No other module names a file of the run
-directory or writes one in place.
+"""Everything persisted: paths, atomic writes, the lease, stages and their fingerprints. No other
+module names a file of the run directory or writes one in place.
 
 A run directory (`out`):
 
@@ -8,16 +7,24 @@ A run directory (`out`):
     _plan.json                   the shard plan and what it was made from (input fingerprints, data settings)
     _run_config.json             every invocation: when, where, code version, config
     _run_summary.json            the finished job's summary
-    round-K/warmup/              adapter/, merged/, loss.json, then _WARMUP_DONE.json (the stamp)
-    round-K/scores/              _manifest.json, shard-NNNNN.parquet, _done/shard-NNNNN.json (markers),
-                                 _quarantine/, _summary.json
+    _logs/driver-*.log           everything each command printed (console.run_log)
+    round-K/warmup/              adapter/, merged/, loss.json, then _WARMUP_DONE.json (done record)
+    round-K/scores/              _manifest.json (fingerprint, first), shard-NNNNNNNN.parquet,
+                                 _done/shard-NNNNNNNN.json (item markers), _quarantine/, _summary.json (done)
     round-K/selection/           selected_ids.txt, selection.parquet, stats.json, selected.<fmt>
-                                 (via _export/part-*.jsonl), then _SELECTION_DONE.json (the commit)
+                                 (via _export/part-*.jsonl), then _SELECTION_DONE.json (done record)
+    compare/                     _compare.json (fingerprint, first), selections/<strategy>/,
+                                 units/<unit>/{model/, _UNIT_DONE.json (item marker)}, comparison.{json,md,png}
+    report/                      index.html, summary.md, round-K/*.png, comparison.png
+
+Every stage that persists is a `Stage`: its own directory, the fingerprint of what determines its
+output, item markers, and a done record written last; `Stage.open` alone decides, on a rerun,
+between reuse, refusal (naming the differing keys) and starting the stage anew.
 
 Commit rules: a file is complete or absent. On a local disk every file is written to a
-temporary name beside it and renamed into place; on object stores an object appears only when
-its upload completes. A shard counts as finished only once its marker exists (written after its
-Parquet file), a warmup only with its stamp, a selection only with its commit marker.
+temporary name beside it and renamed into place; on object stores to a temporary key moved into
+place once the upload completed. A shard counts as finished only once its marker exists (written
+after its Parquet file), a warmup only with its done record, a selection only with its commit.
 Temporaries left by a killed writer are removed when the next driver takes the lease.
 """
 
@@ -34,6 +41,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import fsspec
@@ -507,16 +515,21 @@ def round_dir(run_dir: str, k: int) -> str:
     return join(run_dir, f"round-{k}")
 
 
+def stage_dirs(round_url: str) -> dict[str, str]:
+    """The stage directories of one round directory (`round-K`)."""
+    return {name: join(round_url, name) for name in ("warmup", "scores", "selection")}
+
+
 def warmup_dir(run_dir: str, k: int) -> str:
-    return join(round_dir(run_dir, k), "warmup")
+    return stage_dirs(round_dir(run_dir, k))["warmup"]
 
 
 def scores_dir(run_dir: str, k: int) -> str:
-    return join(round_dir(run_dir, k), "scores")
+    return stage_dirs(round_dir(run_dir, k))["scores"]
 
 
 def selection_dir(run_dir: str, k: int) -> str:
-    return join(round_dir(run_dir, k), "selection")
+    return stage_dirs(round_dir(run_dir, k))["selection"]
 
 
 def round_dirs(run_dir: str) -> list[str]:
@@ -527,7 +540,166 @@ def round_dirs(run_dir: str) -> list[str]:
     return [prefix + p for p in sorted(found, key=lambda p: int(p.rsplit("-", 1)[-1]))]
 
 
-# ---------------------------------------------------------------- scores: manifest and shard markers
+# ---------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """What a kind of stage keeps in its directory, and what a user is told when it differs."""
+
+    record: str  # the file holding the fingerprint: written first by stages with items, else last
+    holds: str  # "STAGE_DIR holds <holds> (differs in: ...)"
+    remedy: str  # how to get past a refusal
+    done: str | None = None  # stages with items: the record written once all are finished
+    item: str | None = None  # an item's marker, relative to the stage directory ("{}": the item's name)
+    item_glob: str | None = None
+    commit_point: str | None = None  # the kill point just before the done record
+    record_point: str | None = None  # the kill points inside the write of a record written first
+    hints: tuple[tuple[str, str], ...] = ()  # (differing key prefix, what it means)
+
+
+STAGES: dict[str, StageKind] = {
+    "warmup": StageKind(
+        WARMUP_STAMP, "a warmup model trained differently",
+        "rerun with --recompute warmup to train it again (the scores that depend on it are scored again), "
+        "or use a new run directory", commit_point="warmup.before_stamp",
+        hints=(("rows", "it was trained on other rows (for round 2 and later, the previous round's selection)"),)),
+    "scores": StageKind(
+        MANIFEST, "scores of a different configuration",
+        "rerun with --recompute scores to score again (its scores are replaced), or use a new run directory",
+        done=SCORES_SUMMARY, item=DONE_DIR + "/{}.json", item_glob=DONE_DIR + "/shard-*.json", record_point="manifest"),
+    "selection": StageKind(SELECTION_COMMIT, "a selection made with other settings or scores",
+                           "it is selected again", commit_point="selection.before_commit"),
+    "compare": StageKind(
+        COMPARE_MANIFEST, "a comparison made with other settings",
+        "remove that directory to compare afresh (adding a strategy or a seed is fine)",
+        item="units/{}/" + UNIT_DONE, item_glob="units/**/" + UNIT_DONE),
+}
+
+
+class Stage:
+    """One persisted stage of a run (warmup, scores, selection, compare): its own directory, the
+    fingerprint of exactly the inputs and settings that determine its output, the markers of the
+    items it has finished, and a done record written last.
+
+    Stages that finish at once (warmup, selection) keep their fingerprint in the done record;
+    stages whose items finish one by one (scores: shards; compare: units) write it first, so
+    that a resume knows what the finished items were made from. `open` is the one place where a
+    rerun is compared with what the directory holds; only the stage's own directory is cleared.
+    """
+
+    def __init__(self, kind: str, directory: str):
+        self.name, self.kind, self.dir = kind, STAGES[kind], directory.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        return join(self.dir, *parts)
+
+    @property
+    def has_items(self) -> bool:
+        return self.kind.item is not None
+
+    def done(self) -> dict[str, Any] | None:
+        """The done record, or None while unfinished (an unreadable one counts as absent)."""
+        return read_record(self.path(self.kind.done or self.kind.record))
+
+    def changes(self, fp: dict[str, Any], extra: dict[str, Any] | None = None) -> list[str] | None:
+        """None when nothing is recorded, [] when the stage was made from exactly `fp` (and the
+        `extra` values of its record), else what differs."""
+        url = self.path(self.kind.record)
+        record = read_record(url)
+        if record is None:  # an unreadable record written first leaves its items' origin unknown
+            return ["(unreadable record)"] if self.has_items and exists(url) else None
+        old = record.get("fingerprint") or {}
+        diffs = differing_keys(old, fp) if digest(old) != digest(fp) else []
+        return diffs + [key for key, value in (extra or {}).items() if record.get(key) != value]
+
+    def refusal(self, diffs: list[str]) -> FingerprintMismatch:
+        if diffs == ["(unreadable record)"]:
+            return FingerprintMismatch(f"{self.path(self.kind.record)} is unreadable, so what {self.dir} holds was "
+                                       f"made from is unknown; {self.kind.remedy}")
+        why = ", ".join(diffs)
+        for prefix, meaning in self.kind.hints:
+            if any(d.startswith(prefix) for d in diffs):
+                why += f": {meaning}"
+        return FingerprintMismatch(f"{self.dir} holds {self.kind.holds} (differs in: {why}); {self.kind.remedy}")
+
+    def open(self, fp: dict[str, Any], replace: bool, extra: dict[str, Any] | None = None,
+             record: dict[str, Any] | None = None) -> list[str]:
+        """Make the stage ready to run for `fp`; returns what differed from the recorded stage
+        ([] when it is new or unchanged: finished items, or a done record, are then reused).
+
+        A changed stage is refused, naming the differing keys, unless `replace`: then its own
+        directory is cleared (item markers first, so a kill while clearing leaves no item
+        looking finished). Stages with items then record `fp` (with `extra` and `record`)."""
+        diffs = self.changes(fp, extra)
+        if diffs:
+            if not replace:
+                raise self.refusal(diffs)
+            self.clear()
+        if self.has_items and diffs != []:
+            write_json(self.path(self.kind.record),
+                       {"fingerprint": fp, "fingerprint_hash": digest(fp), **(extra or {}), **(record or {}),
+                        "created_at": time.time()}, point=self.kind.record_point)
+        return diffs or []
+
+    def clear(self) -> None:
+        """Remove this stage's directory (only it), item markers first."""
+        if self.kind.item:
+            clear_dir(self.path(self.kind.item.split("/", 1)[0]))
+        clear_dir(self.dir)
+
+    def finish(self, record: dict[str, Any], fp: dict[str, Any] | None = None, indent: int | None = 2) -> None:
+        """Write the done record, last: the stage counts as finished from here on."""
+        if self.kind.commit_point:
+            kill_point(self.kind.commit_point)
+        write_json(self.path(self.kind.done or self.kind.record),
+                   {**record, "fingerprint": fp} if fp is not None else record, indent=indent)
+
+    def retract(self) -> None:
+        """Remove the done record: while a stage is rewritten in place it counts as unfinished."""
+        clear_dir(self.path(self.kind.done or self.kind.record))
+
+    def item_path(self, name: str) -> str:
+        return self.path(self.kind.item.format(name))
+
+    def finish_item(self, name: str, record: dict[str, Any], point: str | None = None) -> None:
+        write_json(self.item_path(name), record, point=point, indent=None if point else 2)
+
+    def items(self) -> dict[str, dict[str, Any]]:
+        """name -> record of every finished item (fetched concurrently on object stores); an
+        unreadable marker counts as unfinished, with a warning."""
+        fs, root = fs_of(self.dir)
+        head, tail = self.kind.item.split("{}")
+        paths = fs.glob(join(root, self.kind.item_glob))
+        if not paths:
+            return {}
+        out = {}
+        for path, blob in fs.cat(paths).items():
+            name = path[len(root.rstrip("/") + "/" + head):][: -len(tail) or None]
+            try:
+                record = json.loads(blob)
+                if not isinstance(record, dict):
+                    raise ValueError("not a record")
+                out[name] = record
+            except (ValueError, UnicodeDecodeError) as err:
+                log.warning("%s is unreadable (%s); treating it as absent", path, err)
+        return dict(sorted(out.items()))
+
+    def unmark(self, names: list[str]) -> None:
+        """Make finished items pending again."""
+        fs, _ = fs_of(self.dir)
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(fs_of(self.item_path(name))[1])
+
+
+def clear_dir(url: str) -> None:
+    fs, path = fs_of(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+# ---------------------------------------------------------------- scores: the plan and shards
 
 
 def read_plan(run_dir: str) -> dict[str, Any] | None:
@@ -561,32 +733,15 @@ def read_manifest(scores_dir: str) -> dict[str, Any]:
     return read_json(join(scores_dir, MANIFEST))
 
 
-def check_or_write_manifest(scores_dir: str, fp: dict[str, Any], plan: list[dict[str, Any]],
-                            environment: dict[str, Any], recompute: bool = False) -> None:
-    """Write the manifest of a new scores directory, or refuse one written for other inputs
-    (with `recompute`, clear that scores directory, and only it, and start it anew)."""
-    url = join(scores_dir, MANIFEST)
-    old = read_record(url)
-    if old is None and exists(url):
-        if not recompute:
-            raise FingerprintMismatch(f"{url} is unreadable, so what its scores were made from is unknown; rerun with "
-                                      "--recompute scores to score again, or use a new run directory")
-        old = {"fingerprint": {}, "fingerprint_hash": "", "plan_hash": ""}
-    if old is not None:
-        diffs = differing_keys(old["fingerprint"], fp) if old["fingerprint_hash"] != digest(fp) else []
-        if old["plan_hash"] != digest(plan):
-            diffs.append("shard plan")
-        if not diffs:
-            return
-        if not recompute:
-            raise FingerprintMismatch(
-                f"{scores_dir} holds scores of a different configuration (differs in: {', '.join(diffs)}); "
-                "rerun with --recompute scores to score again (its scores are replaced), or use a new run directory")
+def open_scores(scores_dir: str, fp: dict[str, Any], plan: list[dict[str, Any]], environment: dict[str, Any],
+                recompute: bool = False) -> None:
+    """A new scores directory records what it is scored from, before any shard; a resume with the
+    same inputs keeps its finished shards; other inputs are refused (or, with `recompute`, the
+    scores directory, and only it, starts anew)."""
+    diffs = Stage("scores", scores_dir).open(fp, recompute, extra={"plan_hash": digest(plan)},
+                                             record={"plan": plan, "environment": environment})
+    if diffs:
         log.warning("%s: scoring again (differs in: %s; --recompute scores)", scores_dir, ", ".join(diffs))
-        clear_dir(join(scores_dir, DONE_DIR))  # markers first: a kill while clearing leaves no shard looking finished
-        clear_dir(scores_dir)
-    write_json(url, {"fingerprint": fp, "fingerprint_hash": digest(fp), "plan_hash": digest(plan), "plan": plan,
-                     "environment": environment, "created_at": time.time()}, point="manifest")
 
 
 def write_shard_output(scores_dir: str, shard_id: int, table, quarantine: list[dict[str, Any]],
@@ -601,24 +756,12 @@ def write_shard_output(scores_dir: str, shard_id: int, table, quarantine: list[d
         write_bytes(join(scores_dir, QUARANTINE_DIR, name + ".jsonl"), lines.encode("utf-8"))
     marker = {**marker, "write_seconds": time.perf_counter() - t}
     kill_point("shard.before_marker")
-    write_json(join(scores_dir, DONE_DIR, name + ".json"), marker, point="marker", indent=None)
+    Stage("scores", scores_dir).finish_item(name, marker, point="marker")
 
 
 def finished_markers(scores_dir: str) -> dict[int, dict[str, Any]]:
-    """shard id -> marker of every finished shard (fetched concurrently on object stores)."""
-    fs, root = fs_of(scores_dir)
-    paths = fs.glob(join(root, DONE_DIR, "shard-*.json"))
-    if not paths:
-        return {}
-    blobs = fs.cat(paths)
-    out = {}
-    for path, blob in blobs.items():
-        try:
-            marker = json.loads(blob)
-            out[int(marker["shard_id"])] = marker
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-            log.warning("shard marker %s is unreadable (%s); its shard is scored again", path, err)
-    return out
+    """shard id -> marker of every finished shard."""
+    return {shard_id_of(name): marker for name, marker in Stage("scores", scores_dir).items().items()}
 
 
 def error_shards(markers: dict[int, dict[str, Any]]) -> dict[int, int]:
@@ -631,10 +774,7 @@ def error_shards(markers: dict[int, dict[str, Any]]) -> dict[int, int]:
 
 def unmark_shards(scores_dir: str, shard_ids: list[int]) -> None:
     """Make finished shards pending again (their marker goes first, so a kill leaves them pending)."""
-    fs, root = fs_of(scores_dir)
-    for sid in shard_ids:
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(join(root, DONE_DIR, shard_name(sid) + ".json"))
+    Stage("scores", scores_dir).unmark([shard_name(sid) for sid in shard_ids])
 
 
 def score_files(scores_dir: str) -> list[str]:
@@ -653,47 +793,19 @@ def unmarked_shard_files(scores_dir: str, done: set[int]) -> list[str]:
 
 
 def write_scores_summary(scores_dir: str, summary: dict[str, Any]) -> None:
-    write_json(join(scores_dir, SCORES_SUMMARY), summary, indent=2)
+    Stage("scores", scores_dir).finish(summary)
 
 
-# ---------------------------------------------------------------- warmup stamp
+# ---------------------------------------------------------------- warmup
 
 
 def warmup_stamp(warmup_dir: str) -> dict[str, Any] | None:
-    return read_record(join(warmup_dir, WARMUP_STAMP))
+    return Stage("warmup", warmup_dir).done()
 
 
-def check_warmup_stamp(warmup_dir: str, fp: dict[str, Any], recompute: bool = False) -> dict[str, Any] | None:
-    """The stamp of a finished warmup trained with `fp`, None if unfinished (or, with
-    `recompute`, trained differently); refuses another `fp` otherwise."""
-    stamp = warmup_stamp(warmup_dir)
-    if stamp is None:
-        return None
-    old = stamp.get("fingerprint", {})
-    if digest(old) != digest(fp):
-        diffs = differing_keys(old, fp)
-        if recompute:
-            log.warning("%s: training again (differs in: %s; --recompute warmup)", warmup_dir, ", ".join(diffs))
-            return None
-        why = ", ".join(diffs)
-        if any(d.startswith("rows") for d in diffs):
-            why += ": it was trained on other rows (for round 2 and later, the previous round's selection)"
-        raise FingerprintMismatch(
-            f"{warmup_dir} holds a warmup model trained differently (differs in: {why}); rerun with "
-            "--recompute warmup to train it again (the scores that depend on it are scored again), or use a new run directory")
-    return stamp
-
-
-def clear_dir(url: str) -> None:
-    """Remove an unfinished stage's leftovers before it runs again."""
-    fs, path = fs_of(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
-def write_warmup_stamp(warmup_dir: str, stamp: dict[str, Any]) -> None:
-    kill_point("warmup.before_stamp")
-    write_json(join(warmup_dir, WARMUP_STAMP), stamp, indent=2)
+def warmup_files(warmup_dir: str) -> dict[str, str]:
+    """Where a warmup's adapter (LoRA), merged model and loss history are written."""
+    return {"adapter": join(warmup_dir, "adapter"), "merged": join(warmup_dir, "merged"), "loss": join(warmup_dir, "loss.json")}
 
 
 def merged_digest_ok(merged_url: str, digest_of_copy: str) -> bool:
@@ -702,7 +814,7 @@ def merged_digest_ok(merged_url: str, digest_of_copy: str) -> bool:
     return bool(stamp and stamp.get("merged_digest") and stamp["merged_digest"] == digest_of_copy)
 
 
-# ---------------------------------------------------------------- selection commit
+# ---------------------------------------------------------------- selection
 
 
 def selection_paths(sel_dir: str) -> dict[str, str]:
@@ -710,28 +822,34 @@ def selection_paths(sel_dir: str) -> dict[str, str]:
             {"ids": "selected_ids.txt", "scores": "selection.parquet", "stats": "stats.json"}.items()}
 
 
+def export_path(sel_dir: str, fmt: str) -> str:
+    """The user's selected records in format `fmt` (hf: a datasets directory)."""
+    return join(sel_dir, "selected_dataset" if fmt == "hf" else f"selected.{fmt}")
+
+
+def export_parts_dir(sel_dir: str) -> str:
+    return join(sel_dir, EXPORT_PARTS)
+
+
 def commit_selection(sel_dir: str, paths: dict[str, str], stats: dict[str, Any],
                      fingerprint: dict[str, Any] | None = None) -> None:
     """The record that makes a selection count; `fingerprint` is what it was made from (its
     settings and the scores it read), so that a rerun with other settings selects again."""
-    kill_point("selection.before_commit")
     names = {k: v.rstrip("/").rsplit("/", 1)[-1] for k, v in paths.items()}  # a moved run directory stays valid
-    write_json(join(sel_dir, SELECTION_COMMIT), {"paths": names, "selected_rows": stats["selected_rows"],
-                                                  "fingerprint": fingerprint, "committed_at": time.time()})
+    Stage("selection", sel_dir).finish({"paths": names, "selected_rows": stats["selected_rows"],
+                                        "committed_at": time.time()}, fingerprint or {}, indent=1)
 
 
 def committed_selection(sel_dir: str, fingerprint: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The commit record of a finished selection, or None (files without a commit are not trusted).
-    With `fingerprint`, a selection made from other settings or scores is None as well."""
-    commit = read_record(join(sel_dir, SELECTION_COMMIT))
+    With `fingerprint`, `stale` lists what differs when the selection was made from other settings or scores."""
+    stage = Stage("selection", sel_dir)
+    commit = stage.done()
     if commit is None:
         return None
     commit["paths"] = {k: join(sel_dir, v.rstrip("/").rsplit("/", 1)[-1]) for k, v in commit.get("paths", {}).items()}
-    if fingerprint is None:
-        return commit
-    old = commit.get("fingerprint") or {}
-    if digest(old) != digest(fingerprint):
-        commit["stale"] = differing_keys(old, fingerprint)
+    if fingerprint is not None and (stale := stage.changes(fingerprint)):
+        commit["stale"] = stale
     return commit
 
 
@@ -742,38 +860,52 @@ def compare_dir(run_dir: str) -> str:
     return join(run_dir, COMPARE_DIR)
 
 
+def compare_stage(run_dir: str) -> Stage:
+    return Stage("compare", compare_dir(run_dir))
+
+
+def compare_files(run_dir: str) -> dict[str, str]:
+    return {ext: join(compare_dir(run_dir), f"comparison.{ext}") for ext in ("json", "md", "png")}
+
+
+def compare_selection_dir(run_dir: str, strategy: str) -> str:
+    return join(compare_dir(run_dir), "selections", strategy)
+
+
 def unit_dir(run_dir: str, unit: str) -> str:
     """A compare unit's directory: `strategy/seed-S`, or `base` (the base model, not fine-tuned)."""
     return join(compare_dir(run_dir), "units", unit)
 
 
-def check_or_write_compare_manifest(run_dir: str, fp: dict[str, Any]) -> None:
-    """A compare directory holds units of one set of training and evaluation settings; adding a
-    strategy or a seed is fine, anything else is refused (its units would not be comparable)."""
-    url = join(compare_dir(run_dir), COMPARE_MANIFEST)
-    if exists(url):
-        old = read_json(url)["fingerprint"]
-        if digest(old) != digest(fp):
-            raise FingerprintMismatch(
-                f"{compare_dir(run_dir)} holds a comparison made with other settings (differs in: "
-                f"{', '.join(differing_keys(old, fp))}); remove that directory to compare afresh")
-        return
-    write_json(url, {"fingerprint": fp, "created_at": time.time()})
+def unit_model_dir(run_dir: str, unit: str) -> str:
+    return join(unit_dir(run_dir, unit), "model")
 
 
-def unit_result(unit: str) -> dict[str, Any] | None:
+def unit_result(run_dir: str, unit: str) -> dict[str, Any] | None:
     """A finished compare unit's result (written last, after its model and evaluation), or None."""
-    return read_record(join(unit, UNIT_DONE))
+    return read_record(compare_stage(run_dir).item_path(unit))
 
 
 def finished_units(run_dir: str) -> list[str]:
     """Names of the compare units with a marker (`strategy/seed-S`, `base`)."""
-    root = join(compare_dir(run_dir), "units")
-    fs, path = fs_of(root)
-    if not fs.exists(path):
-        return []
-    return sorted(p[len(path.rstrip("/")) + 1 : -len(UNIT_DONE) - 1] for p in fs.glob(f"{path.rstrip('/')}/**/{UNIT_DONE}"))
+    return list(compare_stage(run_dir).items())
 
 
-def write_unit_result(unit: str, result: dict[str, Any]) -> None:
-    write_json(join(unit, UNIT_DONE), result, indent=2)
+def write_unit_result(run_dir: str, unit: str, result: dict[str, Any]) -> None:
+    compare_stage(run_dir).finish_item(unit, result)
+
+
+# ---------------------------------------------------------------- report
+
+
+def report_dir(run_dir: str) -> str:
+    return join(run_dir, "report")
+
+
+def report_files(run_dir: str) -> dict[str, str]:
+    return {"html": join(report_dir(run_dir), "index.html"), "summary": join(report_dir(run_dir), "summary.md")}
+
+
+def report_plot(run_dir: str, name: str, k: int | None = None) -> str:
+    """A report plot: per round (`round-K/NAME.png`) or of the whole run (`NAME.png`)."""
+    return join(report_dir(run_dir), *([f"round-{k}"] if k is not None else []), f"{name}.png")

@@ -273,7 +273,7 @@ def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", e
         raise SourceMissing(f"cannot export the selected records: {len(missing)} source files are not reachable "
                             f"from here (first: {missing[0]}); use --export never to write ids and scores only")
     previous = rundir.committed_selection(out_dir)
-    rundir.clear_dir(rundir.join(out_dir, rundir.SELECTION_COMMIT))  # a rewrite is uncommitted until it finishes
+    rundir.Stage("selection", out_dir).retract()  # a rewrite is uncommitted until it finishes
     if previous and previous.get("paths", {}).get("data"):  # records of another format must not linger beside the new ones
         rundir.clear_dir(previous["paths"]["data"])
     paths = rundir.selection_paths(out_dir)

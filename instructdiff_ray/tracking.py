@@ -14,6 +14,7 @@ from typing import Any
 
 from . import rundir
 from .config import ConfigError, RunConfig
+from .records import RoundRecord, RunSummary
 
 PARAM_CHARS = 500  # long values (lists of paths) are cut, as a parameter is a label, not data
 
@@ -37,19 +38,19 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def round_metrics(rnd: dict[str, Any]) -> dict[str, float]:
-    sc, st = rnd["scoring"], rnd["selection"]
-    m = {"rows": sc["rows"], "rows_scored": st["rows_scored"], "selected_rows": st["selected_rows"],
-         "selected_response_tokens": st["selected_response_tokens"], "duplicates_dropped": st["duplicates_dropped"],
+def round_metrics(rnd: RoundRecord) -> dict[str, float]:
+    sc, st = rnd.scoring.to_dict(), rnd.selection
+    m = {"rows": sc["rows"], "rows_scored": st.rows_scored, "selected_rows": st.selected_rows,
+         "selected_response_tokens": st.selected_response_tokens, "duplicates_dropped": st.duplicates_dropped,
          "base_tokens": sc["base_tokens"], "warmup_tokens": sc["warmup_tokens"], "shards": sc["shards_total"],
          "shards_resumed": sc["shards_skipped"], "too_long_share": sc["too_long_share"]}
     m.update({f"{k}_tokens_per_s": sc[f"{k}_tokens_per_s"] for k in ("base", "warmup") if sc.get(f"{k}_tokens_per_s")})
     m.update({f"status_{k}": v for k, v in sc["status_counts"].items()})
-    m.update(rnd["timings"])
+    m.update(rnd.timings)
     return {k: float(v) for k, v in m.items() if v is not None}
 
 
-def log_run(cfg: RunConfig, result: dict[str, Any]) -> str | None:
+def log_run(cfg: RunConfig, result: RunSummary) -> str | None:
     """Log the finished run; returns the MLflow run id (None when tracking is off)."""
     if not cfg.tracking.mlflow:
         return None
@@ -64,15 +65,15 @@ def log_run(cfg: RunConfig, result: dict[str, Any]) -> str | None:
     with mlflow.start_run(run_name=name) as run:
         mlflow.set_tags({"instructdiff.run_dir": cfg.out, "instructdiff.version": __version__})
         mlflow.log_params(_flat(cfg.model_dump(mode="json")))
-        for rnd in result["rounds"]:
-            mlflow.log_metrics(round_metrics(rnd), step=rnd["round"])
-            mlflow.log_dict(rnd["selection"], f"round-{rnd['round']}/selection_stats.json")
-        mlflow.log_metric("wall_seconds", float(result["wall_seconds"]))
-        for row in (result.get("compare") or {}).get("strategies", []):  # compare: held-out NLL per strategy
+        for rnd in result.rounds:
+            mlflow.log_metrics(round_metrics(rnd), step=rnd.round)
+            mlflow.log_dict(rnd.selection.to_dict(), f"round-{rnd.round}/selection_stats.json")
+        mlflow.log_metric("wall_seconds", float(result.wall_seconds))
+        for row in (result.compare or {}).get("strategies", []):  # compare: held-out NLL per strategy
             mlflow.log_metric(f"compare.{row['strategy']}.heldout_nll", row["nll_mean"])
             if row.get("metric_mean") is not None:
-                mlflow.log_metric(f"compare.{row['strategy']}.{result['compare']['metric']}", row["metric_mean"])
-        fs, report = rundir.fs_of(rundir.join(cfg.out, "report"))
+                mlflow.log_metric(f"compare.{row['strategy']}.{result.compare['metric']}", row["metric_mean"])
+        fs, report = rundir.fs_of(rundir.report_dir(cfg.out))
         with tempfile.TemporaryDirectory() as tmp:
             fs.get(report, os.path.join(tmp, "report"), recursive=True)
             mlflow.log_artifacts(os.path.join(tmp, "report"), "report")

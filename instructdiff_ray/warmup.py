@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import shutil
@@ -27,6 +28,8 @@ from . import rundir
 from .config import ConfigError, DataConfig, RunConfig
 from .corpus import Sample, Shard, iter_unit, normalize_rows, read_units, rows_by_shard, samples_digest
 from .runtime import quiet_libraries
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -266,15 +269,16 @@ def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -
 
     local = Path(out_dir if "://" not in out_dir else tempfile.mkdtemp(prefix="instructdiff-warmup-"))
     local.mkdir(parents=True, exist_ok=True)
+    files = rundir.warmup_files(str(local))
     if lora:
-        model.save_pretrained(local / "adapter")
+        model.save_pretrained(files["adapter"])
         merged = model.merge_and_unload()
     else:
         merged = model
-    merged.save_pretrained(local / "merged")
-    tok.save_pretrained(local / "merged")
-    (local / "loss.json").write_text(json.dumps(history))
-    merged_digest = model_digest(str(local / "merged"))
+    merged.save_pretrained(files["merged"])
+    tok.save_pretrained(files["merged"])
+    Path(files["loss"]).write_text(json.dumps(history))
+    merged_digest = model_digest(files["merged"])
     if "://" in out_dir:
         fs, root = rundir.fs_of(out_dir)
         fs.put(str(local) + "/", root, recursive=True)
@@ -320,10 +324,13 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
     base = pin(cfg.model.base)
     check_warmup_size(cfg, len(samples))
     fp = warmup_fingerprint(cfg, base, samples)
-    stamp = rundir.check_warmup_stamp(out_dir, fp, recompute="warmup" in cfg.run.recompute)
-    if stamp is not None:
+    stage = rundir.Stage("warmup", out_dir)
+    changed = stage.open(fp, replace="warmup" in cfg.run.recompute)
+    if changed:
+        log.warning("%s: training again (differs in: %s; --recompute warmup)", out_dir, ", ".join(changed))
+    elif (stamp := stage.done()) is not None:
         return WarmupResult(**stamp["result"])
-    rundir.clear_dir(out_dir)  # the warmup stage's own directory, never the run directory
+    stage.clear()  # leftovers of an unfinished training: the warmup stage's own directory, never the run directory
     spec = {"cfg": cfg, "base": base, "samples": samples, "out_dir": out_dir, "on_step": on_step}
     if cfg.warmup.num_workers > 1:
         stats = _train_with_ray(spec, cfg)
@@ -333,15 +340,15 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
         stats = _train_in_task(spec, cfg)
     result = WarmupResult(
         out_dir=out_dir,
-        adapter_dir=f"{out_dir.rstrip('/')}/adapter" if cfg.warmup.method == "lora" else None,
-        merged_dir=f"{out_dir.rstrip('/')}/merged",
+        adapter_dir=rundir.warmup_files(out_dir)["adapter"] if cfg.warmup.method == "lora" else None,
+        merged_dir=rundir.warmup_files(out_dir)["merged"],
         samples=stats["samples"], steps=stats["steps"], seconds=stats["seconds"], final_loss=stats["final_loss"],
         global_batch=stats["global_batch"], workers=cfg.warmup.num_workers, rank_divergence=stats["rank_divergence"],
     )
     if result.rank_divergence != 0.0:
         raise RuntimeError(f"warmup workers ended with different weights (divergence {result.rank_divergence}); "
                            "gradients were not synchronised")
-    rundir.write_warmup_stamp(out_dir, {"result": asdict(result), "fingerprint": fp, "merged_digest": stats["merged_digest"]})
+    stage.finish({"result": asdict(result), "merged_digest": stats["merged_digest"]}, fp)
     return result
 
 
@@ -391,7 +398,7 @@ def _train_with_ray(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     )
     fit = trainer.fit()
     metrics = fit.metrics or {}
-    with fsspec.open(f"{spec['out_dir'].rstrip('/')}/loss.json", "r") as f:
+    with fsspec.open(rundir.warmup_files(spec["out_dir"])["loss"], "r") as f:
         history = json.load(f)  # written by rank 0
     w = cfg.warmup
     return {"steps": len(history), "samples": len(spec["samples"]), "seconds": history[-1]["seconds"] if history else 0.0,

@@ -58,9 +58,9 @@ def test_every_strategy_trained_and_measured_exactly(compared):
         if name != "base":
             assert unit["train"]["samples"] == unit["n_rows"] > 0 and unit["train"]["steps"] >= 1
             assert abs(unit["heldout"]["nll"] - table["units"]["base"]["heldout"]["nll"]) > 1e-6  # it trained
-    final = result["rounds"][-1]
+    final = result.rounds[-1]
     picked = (run / "compare" / "selections" / "instructdiff" / "selected_ids.txt").read_text()
-    assert picked == Path(final["paths"]["ids"]).read_text()  # the run's own pick, same budget
+    assert picked == Path(final.paths["ids"]).read_text()  # the run's own pick, same budget
     assert table["units"]["full/seed-0"]["n_rows"] == 40 and table["units"]["instructdiff/seed-0"]["n_rows"] < 40
     rows = {r["strategy"]: r for r in table["strategies"]}
     assert rows["random"]["nll_std"] is not None and rows["full"]["seeds"] == [0]  # compare.full_seeds
@@ -74,7 +74,7 @@ def test_table_in_summary_report_and_run_summary(compared):
     page = (run / "report" / "index.html").read_text()
     assert "Comparison" in page and 'data-name="comparison.png"' in page and "<table" in page
     assert (run / "report" / "comparison.png").stat().st_size > 1000
-    assert {r["strategy"] for r in result["compare"]["strategies"]} == {"base", *STRATEGIES}
+    assert {r["strategy"] for r in result.compare["strategies"]} == {"base", *STRATEGIES}
 
 
 def test_killed_compare_resumes_computing_only_missing_units(compared, tiny_model, gsm8k):

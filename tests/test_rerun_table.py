@@ -135,7 +135,7 @@ def base_tree(ctx):
 
 def fingerprints(cfg: RunConfig, ctx) -> dict[str, str]:
     """Each persisted stage's fingerprint digest for this config, as the pipeline computes it."""
-    from instructdiff_ray import pipeline, rundir
+    from instructdiff_ray import pipeline, records, rundir
     from instructdiff_ray.compare import fingerprint as compare_fingerprint
     from instructdiff_ray.compare import load_heldout
     from instructdiff_ray.corpus import load_plan
@@ -150,7 +150,7 @@ def fingerprints(cfg: RunConfig, ctx) -> dict[str, str]:
     # the scores' warmup model: the given one, else the one trained from `warm` (its identity follows it)
     warm_model = cfg.model.warmup or str(ctx["lora"])
     scores = pipeline.fingerprint(cfg, plan, base, warm_model, None)
-    summary = pipeline.ScoreSummary(str(ctx["scores"]), 1, 0, 1, {"ok": 1}, 0, 0, 0.0, 0.0, 0.0,
+    summary = records.ScoreSummary(str(ctx["scores"]), 1, 0, 1, {"ok": 1}, 0, 0, 0.0, 0.0, 0.0,
                                     markers=[{"shard_id": 0, "rows": 1, "status_counts": {"ok": 1}}])
     sel = pipeline.selection_fingerprint(cfg, summary)
     cmp = compare_fingerprint(cfg, str(ctx["scores"]), load_heldout(cfg)) if cfg.compare else None

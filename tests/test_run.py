@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from instructdiff_ray.cli import main
+from instructdiff_ray.records import RunSummary
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +85,9 @@ def test_rerun_with_another_selection_setting_selects_again(rerun_dir, capsys):
     assert after["budget"]["beta"] == 0.3 and after["selected_rows"] > before["selected_rows"]
     ids = (run / "round-1" / "selection" / "selected_ids.txt").read_text().split()
     assert len(ids) == after["selected_rows"] == len((run / "round-1" / "selection" / "selected.jsonl").read_text().splitlines())
-    assert json.loads((run / "_run_summary.json").read_text())["rounds"][-1]["selection"]["budget"]["beta"] == 0.3
+    summary = json.loads((run / "_run_summary.json").read_text())
+    assert summary["rounds"][-1]["selection"]["budget"]["beta"] == 0.3
+    assert RunSummary.from_dict(summary).to_dict() == summary  # the typed record reads back what was written
     warm = (run / "round-2" / "warmup" / "_WARMUP_DONE.json").read_text()
     assert main(["run", job, "--set", "selection.budget=0.3"]) == 3  # round 2's warmup was trained on the 0.1 pick
     err = capsys.readouterr().err
@@ -264,7 +267,8 @@ def test_model_dependent_config_errors_fail_before_any_model_loads(tmp_path, gsm
 
 
 def test_many_rows_over_max_length_warn():
-    from instructdiff_ray.pipeline import ScoreSummary, length_note
+    from instructdiff_ray.pipeline import length_note
+    from instructdiff_ray.records import ScoreSummary
 
     many = ScoreSummary("o", 1, 0, 1000, {"ok": 980, "too_long": 20}, 0, 0, 0.0, 0.0, 0.0)
     few = ScoreSummary("o", 1, 0, 1000, {"ok": 995, "too_long": 5}, 0, 0, 0.0, 0.0, 0.0)

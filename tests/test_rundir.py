@@ -186,3 +186,64 @@ def test_jsonl_on_s3_fetches_each_byte_about_once(s3, faults, tmp_path, gsm8k):
     local.write_bytes(body)
     same = load_plan(DataConfig(paths=[str(local)], shard_rows=500), None)
     assert [(s.byte_start, s.byte_stop, s.n_rows) for s in same.shards] == [(s.byte_start, s.byte_stop, s.n_rows) for s in plan.shards]
+
+
+def _root(where: str, tmp_path, request, bucket: str) -> str:
+    if where == "s3":
+        request.getfixturevalue("s3").mkdir(bucket)
+        return f"s3://{bucket}/run"
+    return str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_stage_that_finishes_at_once_is_reused_refused_or_replaced(where, tmp_path, request):
+    """Warmup-like stage: the fingerprint is in the done record, written last."""
+    from instructdiff_ray.rundir import FingerprintMismatch, Stage
+
+    stage = Stage("warmup", rundir.join(_root(where, tmp_path, request, "stage-once"), "round-1", "warmup"))
+    fp = {"lr": 1e-4, "rows": {"n": 10}}
+    assert stage.open(fp, replace=False) == [] and stage.done() is None  # new
+    rundir.write_bytes(stage.path("adapter", "weights.bin"), b"w")
+    stage.finish({"result": 1}, fp)
+    assert stage.open(fp, replace=False) == [] and stage.done()["result"] == 1  # unchanged: reused
+    other = {"lr": 2e-4, "rows": {"n": 11}}
+    with pytest.raises(FingerprintMismatch, match=r"differs in: lr, rows\.n: it was trained on other rows.*--recompute warmup"):
+        stage.open(other, replace=False)
+    assert stage.done()["result"] == 1 and rundir.exists(stage.path("adapter", "weights.bin"))  # refused: untouched
+    assert stage.open(other, replace=True) == ["lr", "rows.n"]
+    assert stage.done() is None and not rundir.exists(stage.path("adapter", "weights.bin"))  # only its own directory
+    stage.finish({"result": 2}, other)
+    stage.retract()
+    assert stage.done() is None
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_stage_with_items_records_its_fingerprint_first_and_keeps_finished_items(where, tmp_path, request, caplog):
+    """Scores-like stage: manifest first, item markers, unreadable markers absent, an unreadable
+    manifest refused; compare-like items have nested names."""
+    from instructdiff_ray.rundir import FingerprintMismatch, Stage
+
+    root = _root(where, tmp_path, request, "stage-items")
+    scores = Stage("scores", rundir.join(root, "round-1", "scores"))
+    fp = {"engine": "hf"}
+    assert scores.open(fp, replace=False, extra={"plan_hash": "p1"}, record={"plan": [1, 2]}) == []
+    assert rundir.read_manifest(scores.dir)["plan"] == [1, 2]
+    scores.finish_item("shard-00000000", {"shard_id": 0})
+    rundir.write_bytes(scores.item_path("shard-00000001"), b'{"shard_id": 1')  # damaged by hand
+    assert scores.open(fp, replace=False, extra={"plan_hash": "p1"}) == []  # a resume keeps finished items
+    assert list(scores.items()) == ["shard-00000000"] and "treating it as absent" in caplog.text
+    with pytest.raises(FingerprintMismatch, match=r"differs in: plan_hash\).*--recompute scores"):
+        scores.open(fp, replace=False, extra={"plan_hash": "p2"})
+    assert scores.open({"engine": "vllm"}, replace=True, extra={"plan_hash": "p2"}) == ["engine", "plan_hash"]
+    assert scores.items() == {} and rundir.read_manifest(scores.dir)["fingerprint"] == {"engine": "vllm"}
+    rundir.write_bytes(scores.path(rundir.MANIFEST), b"{")
+    with pytest.raises(FingerprintMismatch, match="is unreadable, so what .* was made from is unknown"):
+        scores.open({"engine": "vllm"}, replace=False, extra={"plan_hash": "p2"})
+
+    compare = Stage("compare", rundir.join(root, "compare"))
+    compare.open({"heldout": 1}, replace=False)
+    for unit in ("random/seed-0", "base", "instructdiff/seed-1"):
+        compare.finish_item(unit, {"unit": unit})
+    assert list(compare.items()) == ["base", "instructdiff/seed-1", "random/seed-0"]
+    with pytest.raises(FingerprintMismatch, match="remove that directory"):
+        compare.open({"heldout": 2}, replace=False)

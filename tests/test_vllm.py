@@ -260,7 +260,7 @@ def test_two_pools_give_the_scores_of_one_actor_with_rounds(ray_local, tmp_path,
                           warmup={"alpha": 0.25, "max_steps": 3, "batch_size": 4, "learning_rate": 1e-3},
                           selection={"budget": 0.3}, template={"max_length": 1024})
         result = run_job(cfg)
-        assert [r["scoring"]["status_counts"] for r in result["rounds"]] == [{"ok": 40}, {"ok": 40}]
+        assert [r.scoring.status_counts for r in result.rounds] == [{"ok": 40}, {"ok": 40}]
         tables[where] = [pq.read_table(tmp_path / where / "out" / f"round-{k}" / "scores").sort_by("source_row").to_pydict()
                          for k in (1, 2)]
         assert tables[where][1]["base_nll"] == tables[where][0]["base_nll"]
