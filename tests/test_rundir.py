@@ -247,3 +247,51 @@ def test_a_stage_with_items_records_its_fingerprint_first_and_keeps_finished_ite
     assert list(compare.items()) == ["base", "instructdiff/seed-1", "random/seed-0"]
     with pytest.raises(FingerprintMismatch, match="remove that directory"):
         compare.open({"heldout": 2}, replace=False)
+
+
+def test_marker_writes_commits_and_reads_survive_connection_resets(s3, faults):
+    """Connections cut before a response (on the temporary's upload, the copy into place and the
+    reads) and responses cut off halfway: the store client retries, and every record reads back
+    whole, never as the half that arrived."""
+    from s3server import RESET, TRUNCATE
+
+    from instructdiff_ray.rundir import Stage
+
+    s3.mkdir("resets")
+    scores = Stage("scores", "s3://resets/run/round-1/scores")
+    faults.fail("PUT /resets/run/round-1/scores/_done/.shard-00000001", times=2, status=RESET)  # the temporary
+    faults.fail("PUT /resets/run/round-1/scores/_done/shard-00000001.json", times=2, status=RESET)  # copy into place
+    faults.fail("POST /resets?delete", times=1, status=RESET)  # the temporary's removal
+    marker = {"shard_id": 1, "status_counts": {"ok": 100}, "pad": "x" * 5000}
+    scores.finish_item("shard-00000001", marker, point="marker")
+    selection = Stage("selection", "s3://resets/run/round-1/selection")
+    faults.fail("PUT /resets/run/round-1/selection/", times=3, status=RESET)
+    selection.finish({"paths": {}, "selected_rows": 3}, {"budget": 0.1})
+    assert [rule.times for rule in faults.rules] == [0, 0, 0, 0], faults.failed  # every cut happened
+    faults.reset()
+    faults.fail("GET /resets/run/round-1/scores/_done/shard-00000001.json", times=2, status=TRUNCATE)
+    assert scores.items() == {"shard-00000001": marker}
+    faults.fail("GET /resets/run/round-1/selection/_SELECTION_DONE.json", times=2, status=TRUNCATE)
+    assert selection.done()["selected_rows"] == 3
+    faults.fail("GET /resets/run/round-1/selection/_SELECTION_DONE.json", times=2, status=RESET)
+    assert selection.changes({"budget": 0.1}) == []
+    assert len(faults.failed) == 6
+    assert not [p for p in s3.find("resets/run") if p.rsplit("/", 1)[-1].startswith(".")]  # no temporary left
+
+
+def test_lease_renewals_survive_connection_resets(s3, faults):
+    from s3server import RESET
+
+    s3.mkdir("lease-resets")
+    run = "s3://lease-resets/run"
+    lease = Lease(run, ttl_s=30, settle_s=0.1, beat_s=0.3)
+    done = {}
+    t = threading.Thread(target=lambda: done.update(held=_hold(lease, 5.0)))
+    t.start()
+    time.sleep(0.5)
+    faults.fail("/lease-resets/run/", times=6, status=RESET)  # renewals' reads, uploads and copies are cut
+    time.sleep(3.0)
+    with pytest.raises(LeaseHeld, match="in use by another driver"):
+        Lease(run, ttl_s=30, settle_s=0.1).acquire()
+    t.join()
+    assert lease.lost is None and done["held"] >= 5.0 and len(faults.failed) == 6
