@@ -61,8 +61,9 @@ def child(spec: dict) -> dict:
     import instructdiff_ray  # noqa: F401 - first: hides unloadable torch extensions
     import torch
 
-    from instructdiff_ray.engines import EngineSettings, make_engine
-    from instructdiff_ray.memory import param_count
+    from instructdiff_ray.engines import make_engine
+    from instructdiff_ray.engines.base import EngineSettings
+    from instructdiff_ray.engines.memory import param_count
 
     model_dir, device = spec["model_dir"], spec["device"]
     cfg = json.loads((Path(model_dir) / "config.json").read_text())

@@ -89,7 +89,7 @@ def engine_host(ray, threads: int):
 
 
 def bench_engine(ray, name: str, model_dir: str, dtype: str, args, ids, masks) -> dict:
-    from instructdiff_ray.engines import EngineSettings
+    from instructdiff_ray.engines.base import EngineSettings
 
     settings = EngineSettings(dtype=dtype, device="cpu", threads=args.threads, max_batch_tokens=args.batch_tokens,
                               max_batch_size=args.batch_size, max_model_len=2048, passes=("base",),

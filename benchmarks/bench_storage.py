@@ -73,7 +73,7 @@ def measure(url: str, shard_rows: int, layer=None) -> dict[str, float]:
 
 
 def legacy_open():
-    """corpus._open as it was: fsspec's default file (block cache with read-ahead, per-line readline)."""
+    """readers.io.open_file as it was: fsspec's default file (block cache with read-ahead, per-line readline)."""
     import contextlib
 
     import fsspec
@@ -103,7 +103,7 @@ def main() -> None:
     import s3fs
     from s3server import Server
 
-    import instructdiff_ray.corpus as corpus
+    import instructdiff_ray.readers.io as reader_io
 
     import logging
 
@@ -127,16 +127,16 @@ def main() -> None:
                 print(f"# {name}: {mb} MiB corpus in {files} files written and uploaded in {time.perf_counter() - t:.0f} s",
                       file=sys.stderr, flush=True)
             size = sum(p.stat().st_size for p in local.iterdir())
-            saved = corpus._open
+            saved = reader_io.open_file
             if opener:
-                corpus._open = opener
+                reader_io.open_file = opener
             try:
                 runs = {"local": [], "s3": []}
                 for _ in range(args.repeat):
                     runs["local"].append(measure(str(local), args.shard_rows))
                     runs["s3"].append(measure(f"s3://bench/corpus-{mb}", args.shard_rows, server.layer))
             finally:
-                corpus._open = saved
+                reader_io.open_file = saved
             med = {where: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for where, rs in runs.items()}
             lo, s3r = med["local"], med["s3"]
             row = {"reader": name, "corpus_mb": round(size / 2**20, 1), "files": files, "rows": int(lo["rows"]), "shards": int(lo["shards"]),

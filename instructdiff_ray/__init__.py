@@ -3,7 +3,7 @@
 import importlib.metadata
 import sys
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def _hide_unloadable_torch_extensions() -> None:

@@ -97,7 +97,8 @@ def _config(cfg: RunConfig | dict[str, Any] | str | Path, overrides: dict[str, A
 def run(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> RunResult:
     """`instructdiff run`: a RunConfig, a config dict or a YAML path; `overrides` are dotted keys
     given with `__` for dots (`run(cfg, selection__budget=0.2)`)."""
-    from .pipeline import check_config, run_job
+    from .pipeline import run_job
+    from .preflight import check_config
     from .runtime import preload_torch
 
     preload_torch()  # before the data and object-store stacks load their libraries (runtime.py)
@@ -118,7 +119,8 @@ def run(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> RunRe
 
 def score(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> ScoreResult:
     """`instructdiff score`: score `cfg.out` under `model.base` and `model.warmup` (given, not trained)."""
-    from .pipeline import check_config, score_job
+    from .pipeline import score_job
+    from .preflight import check_config
     from .runtime import preload_torch
 
     preload_torch()  # before the data and object-store stacks load their libraries (runtime.py)
@@ -134,7 +136,7 @@ def warmup(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any):
     """`instructdiff warmup`: train round 1's warmup model (the α draw) into `cfg.out`/round-1/warmup,
     which `run` with the same settings then reuses. Returns the WarmupResult."""
     from .corpus import load_plan
-    from .pipeline import check_config
+    from .preflight import check_config
     from .runtime import preload_torch
     from .warmup import collect_samples, draw_rows, train_warmup
 
@@ -151,7 +153,7 @@ def warmup(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any):
 def plan(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> dict[str, Any]:
     """What `run` would do (rows, shards, files, models, actors, selection), without loading any model."""
     from .corpus import load_plan
-    from .pipeline import check_config
+    from .preflight import check_config
 
     config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
     check_config(config)
@@ -243,7 +245,8 @@ def compare(run: str | RunConfig, eval: str | list[str] | None = None, **setting
     measure each on held-out rows; `settings` are CompareConfig fields (eval_skip, eval_limit,
     strategies, seeds, train, eval_command, metric). `run` is the run directory, or a RunConfig
     whose compare section is already set (what the CLI builds). Resumable: finished units are reused."""
-    from .compare import compare_run, comparison_markdown, config_for
+    from .compare import compare_run, config_for
+    from .report import comparison_markdown
     from .runtime import preload_torch
 
     preload_torch()

@@ -15,7 +15,7 @@ import sys
 import typing
 from typing import Any, Callable
 
-from . import __version__
+from .version import __version__
 from .config import ConfigError, RunConfig, load_config, parse_overrides
 from .strategies import STRATEGIES
 
@@ -115,7 +115,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from . import api
-    from .pipeline import check_config
+    from .preflight import check_config
 
     cfg = config_from_args(args)
     check_config(cfg)  # before the log file: a mistake writes nothing
@@ -127,7 +127,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import api
-    from .pipeline import check_config
+    from .preflight import check_config
 
     cfg = config_from_args(args)
     if args.dry_run:
@@ -144,7 +144,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from . import api
-    from .pipeline import check_config
+    from .preflight import check_config
 
     cfg = config_from_args(args)
     check_config(cfg)

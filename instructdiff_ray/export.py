@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from . import rundir
 from .config import ConfigError, DataConfig
-from .corpus import Shard, _fmt_of, iter_unit, plan_shards, read_units, rows_by_shard
+from .corpus import Shard, iter_unit, plan_shards, read_units, rows_by_shard
+from .readers import format_of
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def output_format(sources: list[str], requested: str) -> str:
     for Arrow files of save_to_disk), else jsonl."""
     if requested != "auto":
         return requested
-    formats = {_fmt_of(src, "auto") or "jsonl" for src in sources}
+    formats = {format_of(src) or "jsonl" for src in sources}
     fmt = formats.pop() if len(formats) == 1 else "jsonl"
     return "hf" if fmt == "arrow" else fmt
 

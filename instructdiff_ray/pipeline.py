@@ -1,4 +1,5 @@
-"""Pipeline stage: the Ray Data wiring of the scoring steps, and the K-round job.
+"""The job driver: the Ray Data wiring of the scoring steps, and the K-round job (the checks that
+run before it are in preflight.py).
 
 Every file it persists goes through rundir.py (manifest, markers, summaries, the lease). A
 scores directory is resumable: finished shards (those with markers) are skipped, and a
@@ -14,9 +15,10 @@ import warnings
 from typing import Any
 
 from . import rundir
-from .config import MODEL_FORMS, ConfigError, RunConfig
-from .corpus import INVALID_STATUSES, Plan, Shard, list_files, load_plan, read_units
+from .config import RunConfig
+from .corpus import INVALID_STATUSES, Plan, Shard, load_plan, read_units
 from .console import current_log
+from .engines.memory import placement
 from .progress import Progress
 from .records import RoundRecord, RunSummary, ScoreSummary, SelectionStats
 from .rundir import FingerprintMismatch, LeaseHeld
@@ -112,7 +114,7 @@ def score_corpus(
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.map_batches(tokenize_unit, batch_size=1, fn_kwargs={"cfg": cfg, "tokenizer": base},
                             num_cpus=cfg.ray.tokenize_cpus)
-        pools = warmup is not None and base_scores_dir is None and placement(cfg) == "pools"
+        pools = warmup is not None and base_scores_dir is None and placement(cfg) == "pools"  # engines/memory.py
         stages = [("base", cfg.ray.min_actors, cfg.ray.max_actors, gpus_per_actor(cfg))] if pools else []
         pool = cfg.ray.warmup_pool
         stages.append(("warmup", pool.min_actors or cfg.ray.min_actors, pool.max_actors or cfg.ray.max_actors,
@@ -251,121 +253,6 @@ def summarize(out_dir: str, shards: list[Shard], skipped: int, wall: float) -> S
     )
     rundir.write_scores_summary(out_dir, summary.to_dict())
     return summary
-
-
-def check_config(cfg: RunConfig) -> None:
-    """Config-time checks that need the file system but no model weights: the input files, and
-    for a local model directory its context length and (template.kind=chat) its chat template."""
-    from .tracking import check as check_tracking
-
-    check_tracking(cfg)
-    list_files(cfg.data)  # the shard plan itself is made once, in the run directory
-    check_model_fits_template(cfg)
-
-
-def check_model_fits_template(cfg: RunConfig) -> None:
-    """Against the base model's config and tokenizer (Hub and object-store models bring only
-    those files to the driver, never weights)."""
-    import json
-    from pathlib import Path
-
-    from .models import ModelNotFound, kind, load_tokenizer, resolve_model
-
-    for name in ("base", "warmup"):
-        spec = getattr(cfg.model, name)
-        if spec and kind(spec) == "gguf" and not Path(spec).is_file():
-            raise ConfigError(f"model.{name}: {spec} does not exist")
-        if spec and kind(spec) == "local" and not Path(spec).exists():
-            forms = MODEL_FORMS if name == "base" else "a peft adapter directory or a full model directory"
-            raise ConfigError(f"model.{name}: {spec} does not exist; give {forms}")
-    if kind(cfg.model.base) in ("builtin", "gguf"):
-        return  # converted where they are loaded
-    try:
-        base = Path(resolve_model(cfg.model.base, tokenizer_only=True))
-    except ModelNotFound as err:
-        raise ConfigError(f"model.base: {err}") from None
-    if not (base / "config.json").is_file():
-        raise ConfigError(f"model.base: {cfg.model.base} has no config.json")
-    config = json.loads((base / "config.json").read_text())
-    context = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
-    if context and cfg.template.max_length > context:
-        raise ConfigError(f"template.max_length={cfg.template.max_length} exceeds the context length of "
-                          f"model.base ({context} positions); lower template.max_length")
-    if cfg.engine.name == "vllm":
-        check_gpu_memory(cfg, config)
-    if cfg.template.kind == "chat" and not getattr(load_tokenizer(str(base)), "chat_template", None):
-        raise ConfigError(f"template.kind=chat but the tokenizer of {cfg.model.base} has no chat template; "
-                          "use template.kind=alpaca or raw, or a model that ships one")
-
-
-def _params(model_config: dict[str, Any] | None) -> int | None:
-    """The base model's parameter count, None when its config.json lacks the decoder fields
-    (GPT-2 names them n_embd, ...)."""
-    from .memory import param_count
-
-    try:
-        return param_count(model_config) if model_config else None
-    except KeyError:
-        return None
-
-
-def _engine_plan(cfg: RunConfig, params: int, engines: int):
-    from .memory import plan
-
-    e = cfg.engine
-    return plan(params, cfg.model.dtype, engines, e.gpu_memory_utilization, cfg.ray.gpus_per_actor,
-                e.tensor_parallel_size, e.gpu_memory_gb)
-
-
-def base_model_config(cfg: RunConfig) -> dict[str, Any] | None:
-    """The base model's config.json (a Hub model brings only its config and tokenizer here)."""
-    import json
-    from pathlib import Path
-
-    from .models import kind, resolve_model
-
-    if kind(cfg.model.base) in ("builtin", "gguf"):
-        return None
-    path = Path(resolve_model(cfg.model.base, tokenizer_only=True)) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def placement(cfg: RunConfig, model_config: dict[str, Any] | None = None) -> str:
-    """together or pools (engine.placement; auto: pools when the vllm engine's two models do not
-    fit one actor's GPUs but one model does)."""
-    if cfg.engine.placement != "auto":
-        return cfg.engine.placement
-    if cfg.engine.name != "vllm" or not cfg.engine.gpu_memory_gb:
-        return "together"
-    params = _params(model_config or base_model_config(cfg))
-    if params is None:
-        return "together"
-    together, alone = _engine_plan(cfg, params, 2), _engine_plan(cfg, params, 1)
-    return "pools" if together.fits is False and alone.fits else "together"
-
-
-def check_gpu_memory(cfg: RunConfig, model_config: dict[str, Any]) -> None:
-    """vllm: refuse a plan whose weights cannot fit the GPUs before anything loads (memory.py)."""
-    from .memory import smallest_tensor_parallel
-
-    e = cfg.engine
-    if not e.gpu_memory_gb:
-        return
-    params = _params(model_config)
-    if params is None:
-        log.warning("engine.gpu_memory_gb: cannot count the parameters of model.base (its config.json lacks the "
-                    "decoder size fields); the memory check is skipped")
-        return
-    engines = 1 if placement(cfg, model_config) == "pools" else 2
-    p = _engine_plan(cfg, params, engines)
-    if p.fits is False:
-        tp = smallest_tensor_parallel(params, cfg.model.dtype, engines, e.gpu_memory_utilization, e.gpu_memory_gb)
-        hint = (f"engine.tensor_parallel_size={tp} with ray.gpus_per_actor={tp}" if tp else "a GPU with more memory")
-        if engines == 2 and _engine_plan(cfg, params, 1).fits:
-            hint = "engine.placement: pools (one model per actor)"
-        held = "the base and warmup engines together" if engines == 2 else "one engine per actor (placement: pools)"
-        raise ConfigError(f"model.base does not fit: {p.describe(e.gpu_memory_gb)}, over budget; round 1 holds "
-                          f"{held}. Use {hint}, or a smaller model.dtype")
 
 
 LENGTH_SKIP_WARN = 0.01  # a larger share of rows skipped for length biases the selection toward short samples

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import rundir
 from .records import RunSummary
 
@@ -189,8 +191,6 @@ def write_run_report(run_dir: str) -> dict[str, str]:
     compare_files = rundir.compare_files(run_dir)
     compare_url = compare_files["json"]
     if rundir.exists(compare_url):  # instructdiff compare: fine-tuned on each strategy's pick
-        from .compare import comparison_markdown
-
         text = comparison_markdown(rundir.read_json(compare_url))
         fs, png_path = rundir.fs_of(compare_files["png"])
         png = fs.cat_file(png_path)
@@ -302,7 +302,8 @@ def inspect_run(run_dir: str, n: int = 5, round_k: int | None = None) -> str:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from .corpus import _fmt_of, read_rows
+    from .corpus import read_rows
+    from .readers import format_of
     from .selection import load_scores
 
     dirs = _scores_dirs(run_dir)
@@ -324,8 +325,71 @@ def inspect_run(run_dir: str, n: int = 5, round_k: int | None = None) -> str:
             rows = ok.take(idx).to_pylist()
             out.append(f"\n=== {'lowest' if order == 'ascending' else 'highest'} {n} by {col} ===")
             for r in rows:
-                rec = next(iter(read_rows(r["source_file"], _fmt_of(r["source_file"], "auto") or "jsonl", {r["source_row"]})), (0, {}))[1]
+                rec = next(iter(read_rows(r["source_file"], format_of(r["source_file"]) or "jsonl", {r["source_row"]})), (0, {}))[1]
                 text = json.dumps(rec, ensure_ascii=False)
                 out.append(f"- {r['sample_id']} {col}={r[col]:.4f} T={r['n_response_tokens']} "
                            f"{'[selected]' if r['sample_id'] in selected else ''}\n    {text[:400]}")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- compare's table and plot
+
+
+def comparison_markdown(table: dict[str, Any]) -> str:
+    """The comparison table (summary.md and comparison.md)."""
+    b = table["budget"]
+    metric = table["metric"]
+    head = ["strategy", "seeds", "rows", "response tokens", "held-out NLL (mean ± std)", "Δ NLL vs random (paired ± s.e.; < 0: better)"]
+    if metric:
+        head.append(f"{metric} (mean ± std, {'higher' if table['higher_is_better'] else 'lower'} is better)")
+    head.append("CPU-min")
+    lines = [f"Held-out: {table['heldout_rows']} rows; budget β = {b['budget']} of {b['budget_unit']}, γ = {b['gamma']}; "
+             f"training: {table['train']['method']}, {table['train']['epochs']} epoch(s), lr {table['train']['learning_rate']}; "
+             f"lower NLL is better; total {table['cpu_minutes']:.1f} CPU-minutes.\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pm(mean, std, digits=4):
+        return "n/a" if mean is None else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    for r in table["strategies"]:
+        base = r["strategy"] == rundir.BASE_UNIT
+        cells = [f"{r['strategy']}" + (" (no fine-tuning)" if base else ""), "-" if base else str(len(r["seeds"])),
+                 "-" if base else f"{r['rows']:.0f}", "-" if base else f"{r['tokens']:.0f}", pm(r["nll_mean"], r["nll_std"]),
+                 pm(r.get("vs_random"), r.get("vs_random_se")) if "vs_random" in r else "-"]
+        if metric:
+            cells.append(pm(r["metric_mean"], r["metric_std"]))
+        cells.append(f"{r['cpu_minutes']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_plot(table: dict[str, Any]) -> bytes:
+    """Held-out NLL per strategy (bars: mean over seeds, whiskers: std, dots: seeds)."""
+    import io
+
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table["strategies"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(rows))
+    ax.bar(x, [r["nll_mean"] for r in rows], yerr=[r["nll_std"] or 0 for r in rows], capsize=4,
+           color=["#999" if r["strategy"] == rundir.BASE_UNIT else "#4477aa" for r in rows])
+    for i, r in enumerate(rows):
+        seeds = [table["units"][rundir.BASE_UNIT if r["strategy"] == rundir.BASE_UNIT else rundir.unit_name(r["strategy"], s)]["heldout"]["nll"]
+                 for s in (r["seeds"] if r["strategy"] != rundir.BASE_UNIT else [None])]
+        ax.plot([i] * len(seeds), seeds, "k.", ms=4)
+    lo = min(r["nll_mean"] - (r["nll_std"] or 0) for r in rows)
+    hi = max(r["nll_mean"] + (r["nll_std"] or 0) for r in rows)
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    ax.set_xticks(x, [r["strategy"] for r in rows], rotation=20)
+    ax.set_ylabel("held-out response NLL (nats)")
+    ax.set_title(f"fine-tuned on each strategy's pick ({table['heldout_rows']} held-out rows)")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

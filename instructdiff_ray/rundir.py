@@ -872,6 +872,14 @@ def compare_selection_dir(run_dir: str, strategy: str) -> str:
     return join(compare_dir(run_dir), "selections", strategy)
 
 
+BASE_UNIT = "base"  # the compare unit of the base model, not fine-tuned
+
+
+def unit_name(strategy: str, seed: int) -> str:
+    """A compare unit: one strategy's pick fine-tuned with one seed."""
+    return f"{strategy}/seed-{seed}"
+
+
 def unit_dir(run_dir: str, unit: str) -> str:
     """A compare unit's directory: `strategy/seed-S`, or `base` (the base model, not fine-tuned)."""
     return join(compare_dir(run_dir), "units", unit)

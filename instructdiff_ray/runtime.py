@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .config import RunConfig
 from .faults import DRIVER_PID
 
@@ -107,7 +107,9 @@ def gpus_per_actor(cfg: RunConfig) -> float:
                 "CPU. An autoscaler that does not publish node types (v1, the VM launcher's default) cannot be seen "
                 "from here: set ray.gpus_per_actor to ask for GPU nodes")
         return 0.0
-    return float(cfg.engine.tensor_parallel_size) if cfg.engine.name == "vllm" else 1.0
+    from .engines import engine_class
+
+    return engine_class(cfg.engine.name).gpus(cfg)
 
 
 def training_gpus(cfg: RunConfig) -> int:

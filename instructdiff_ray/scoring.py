@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 
 from . import rundir
 from .config import RunConfig
-from .corpus import INVALID_ROW, Sample, Shard, iter_unit, normalize_rows
+from .corpus import Sample, Shard, iter_unit, normalize_rows
+from .engines.base import INVALID_ROW
 from .template import TEMPLATE_ERROR, response_alone, tokenize_samples
 
 log = logging.getLogger(__name__)
@@ -137,14 +138,11 @@ BASE_PASS = [("base_nll", pa.list_(pa.float64())), ("base_entropy", pa.list_(pa.
 
 
 def engine_settings(cfg: RunConfig, passes: tuple[str, ...] = ("base", "warmup")):
-    """The engine's settings from the run config, defaults resolved for the device."""
-    from .engines import EngineSettings
+    """The engine's settings from the run config (its own fields included), defaults resolved for the device."""
+    from .engines import engine_class
+    from .engines.base import engine_settings as common
 
-    limit_tokens, limit_rows = cfg.batch_limits()
-    return EngineSettings(dtype=cfg.model.dtype, device=cfg.resolved_device(), max_batch_tokens=limit_tokens,
-                          max_batch_size=limit_rows, padding_side=cfg.engine.padding_side,
-                          logits_chunk=cfg.engine.logits_chunk, threads=cfg.torch_threads(), passes=passes,
-                          **cfg.vllm_settings())
+    return common(cfg, passes, engine_class(cfg.engine.name).settings(cfg))
 
 
 class ScoreActor:
@@ -158,7 +156,7 @@ class ScoreActor:
     """
 
     def __init__(self, cfg: RunConfig, base: str, warmup: str | None, base_scores_dir: str | None, stage: str = "all"):
-        from .engines import make_engine
+        from .engines import engine_class, make_engine
         from .models import is_adapter, merged_warmup, resolve_model
         from .runtime import quiet_libraries
 
@@ -166,7 +164,7 @@ class ScoreActor:
         # Models are resolved here, on the node that runs them (once per node, into its cache).
         base_dir = resolve_model(base)
         warmup_dir = resolve_model(warmup) if warmup else None
-        if warmup and cfg.engine.name == "vllm" and is_adapter(warmup_dir):
+        if warmup and not engine_class(cfg.engine.name).loads_adapters and is_adapter(warmup_dir):
             warmup_dir = merged_warmup(warmup, base_dir)  # the warmup stage's merged/ when it checks out
         if stage == "warmup" and cfg.ray.warmup_pool.gpus_per_actor is not None:  # its own GPU share (memory.py)
             cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"gpus_per_actor": cfg.ray.warmup_pool.gpus_per_actor})})
@@ -179,7 +177,7 @@ class ScoreActor:
         self.engine = make_engine(cfg.engine.name, base_dir, warmup_dir if stage != "base" else None, settings)
 
     def __call__(self, batch: pa.Table) -> dict[str, list] | pa.Table:
-        from .engines import EngineFault
+        from .engines.base import EngineFault
 
         out: dict[str, list] = {"shard_id": [], "payload": [], "stats": []}
         partial = []

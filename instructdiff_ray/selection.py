@@ -24,7 +24,7 @@ from . import rundir
 from .config import SelectionConfig
 from .corpus import Shard
 from .faults import kill_point
-from .strategies import BASE_SCORE_STRATEGIES, FILTERED_STRATEGIES, IFD_STRATEGIES
+from .strategies import ALONE, STRATEGIES, stable_order
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +84,13 @@ def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _argsort(values: np.ndarray, order: str = "ascending") -> np.ndarray:
-    """Stable sort of rows that are already in sample_id order: ties stay ordered by sample_id."""
-    return np.argsort(values if order == "ascending" else -values, kind="stable")
-
-
 def nll_filter(dnll: np.ndarray, gamma: float) -> tuple[np.ndarray, int]:
     """Boolean keep-mask after dropping ⌊γ·n⌋ rows at each end of the ΔNLL order, and that count."""
     n = len(dnll)
     k = int(np.floor(gamma * n))
     keep = np.ones(n, dtype=bool)
     if k > 0 and 2 * k < n:
-        order = _argsort(dnll)
+        order = stable_order(dnll)
         keep[order[:k]] = False
         keep[order[n - k:]] = False
     else:
@@ -171,27 +166,6 @@ def _by_id(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, int]:
     return ok[order[first]], int(repeat.sum())
 
 
-def _order(cols: dict[str, np.ndarray], keep: np.ndarray, cfg: SelectionConfig) -> np.ndarray:
-    s = cfg.strategy
-    n = len(keep)
-    if s == "random":
-        return np.random.default_rng(cfg.seed).permutation(n)
-    if s == "longest":
-        return _argsort(cols["n_response_tokens"], "descending")
-    if s in IFD_STRATEGIES:
-        valid = np.flatnonzero(np.isfinite(cols["ifd"]) & (cols["ifd"] < 1))
-        return valid[_argsort(cols["ifd"][valid], "descending")]
-    if s in BASE_SCORE_STRATEGIES:
-        col = "base_nll" if s.startswith("ppl") else "base_entropy"
-        return _argsort(cols[col], "ascending" if s.endswith("min") else "descending")
-    kept_idx = np.flatnonzero(keep)
-    rank = _argsort(cols["delta_entropy"][kept_idx], "descending" if s == "highest_dh" else "ascending")
-    if s == "middle_dh":
-        mid = (len(rank) - 1) / 2
-        rank = rank[np.argsort(np.abs(np.arange(len(rank)) - mid), kind="stable")]
-    return kept_idx[rank]
-
-
 def _quantiles(values: np.ndarray) -> dict[str, float | None]:
     if len(values) == 0:
         return {f"q{int(q * 100):02d}": None for q in QUANTILES}
@@ -203,13 +177,20 @@ def _floats(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
 
 
 def ifd(table: pa.Table, rows: np.ndarray, strategy: str) -> np.ndarray:
-    """IFD per row: the ratio of mean losses (ifd_loss) or of perplexities (ifd_ppl) of the
-    response with and without its prompt, under the base model; NaN where not scored."""
-    if "base_nll_alone" not in table.column_names or table.column("base_nll_alone").null_count == table.num_rows:
+    """IFD per row (the derived score of the ifd strategies): NaN where not scored alone."""
+    cols = {c: _floats(table, c, rows) for c in STRATEGIES[strategy].columns}
+    return STRATEGIES[strategy].derived["ifd"](cols)
+
+
+def _columns(table: pa.Table, rows: np.ndarray, strategy: str) -> dict[str, np.ndarray]:
+    """The columns a strategy reads (and the scores it derives), over the ranked rows."""
+    st = STRATEGIES[strategy]
+    if st.needs_alone and (ALONE not in table.column_names or table.column(ALONE).null_count == table.num_rows):
         raise ValueError(f"strategy {strategy} needs the responses scored alone: score with template.ifd: true")
-    with_prompt, alone = _floats(table, "base_nll", rows), _floats(table, "base_nll_alone", rows)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return with_prompt / alone if strategy == "ifd_loss" else np.exp(with_prompt - alone)
+    cols = {c: _floats(table, c, rows) for c in ("delta_nll", "delta_entropy", *st.columns)}
+    for name, derive in st.derived.items():
+        cols[name] = derive(cols)
+    return cols
 
 
 def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
@@ -221,13 +202,11 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
     ok = np.flatnonzero(pc.equal(status.cast(pa.string()), "ok").to_numpy(zero_copy_only=False))
     rows, duplicates = _by_id(table, ok)
     n = len(rows)
-    base_cols = ("base_nll", "base_entropy") if cfg.strategy in BASE_SCORE_STRATEGIES else ()
-    cols = {c: _floats(table, c, rows) for c in ("delta_nll", "delta_entropy", *base_cols)}
-    if cfg.strategy in IFD_STRATEGIES:
-        cols["ifd"] = ifd(table, rows, cfg.strategy)
+    strategy = STRATEGIES[cfg.strategy]
+    cols = _columns(table, rows, cfg.strategy)
     dnll, dh = cols["delta_nll"], cols["delta_entropy"]
     finite = np.isfinite(dnll) & np.isfinite(dh)
-    filtered = cfg.strategy in FILTERED_STRATEGIES
+    filtered = strategy.trim
     if filtered and not finite.all():
         raise ValueError(f"{int((~finite).sum())} ok rows lack warmup scores; strategy {cfg.strategy} needs ΔNLL and ΔH")
     tokens = table.column("n_response_tokens").to_numpy().astype(np.int64)[rows]
@@ -235,7 +214,7 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
     total_tokens = int(tokens.sum())
     budget = int(np.floor(cfg.budget * (total_tokens if cfg.budget_unit == "tokens" else n)))
     keep, k = nll_filter(dnll, cfg.gamma) if filtered else (np.ones(n, dtype=bool), 0)
-    chosen = fill_budget(_order(cols, keep, cfg), tokens, budget, cfg.budget_unit)
+    chosen = fill_budget(strategy.order(cols, keep, cfg.seed), tokens, budget, cfg.budget_unit)
     picked = table.take(rows[chosen]).append_column("rank", pa.array(np.arange(len(chosen), dtype=np.int64)))
     stats = {
         "strategy": cfg.strategy,
@@ -250,7 +229,7 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
         "budget": {"unit": cfg.budget_unit, "beta": cfg.budget, "value": budget, "total_response_tokens": total_tokens},
         "selected_rows": len(chosen),
         "selected_response_tokens": int(tokens[chosen].sum()),
-        "delta_entropy_threshold": float(dh[chosen].max()) if len(chosen) and cfg.strategy == "instructdiff" else None,
+        "delta_entropy_threshold": float(dh[chosen].max()) if len(chosen) and strategy.threshold else None,
         "delta_entropy": {"all": _quantiles(dh[np.isfinite(dh)]), "selected": _quantiles(dh[chosen][np.isfinite(dh[chosen])])},
         "delta_nll": {"all": _quantiles(dnll[np.isfinite(dnll)]), "selected": _quantiles(dnll[chosen][np.isfinite(dnll[chosen])])},
     }

@@ -56,7 +56,7 @@ def log_run(cfg: RunConfig, result: RunSummary) -> str | None:
         return None
     import mlflow
 
-    from . import __version__
+    from .version import __version__
 
     if cfg.tracking.mlflow_uri:
         mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)

@@ -159,7 +159,7 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
     gradient averaging divides out), so N workers take the step one process would take."""
     from transformers import AutoModelForCausalLM
 
-    from .engines import DTYPES
+    from .engines.base import DTYPES
     from .models import load_tokenizer, resolve_model
     from .template import tokenize_samples
 

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import make_config
 from instructdiff_ray.config import ConfigError
+from instructdiff_ray.engines.vllm import VLLMEngine
 
 
 def test_vllm_missing_fails_at_config_time_with_install_hint(tmp_path, tiny_model, gsm8k):
@@ -38,7 +39,7 @@ def test_vllm_config_errors(tmp_path, tiny_model, gsm8k):
     with pytest.raises(ConfigError, match="tensor_parallel_size=2 needs ray.gpus_per_actor >= 2"):
         make_config(tmp_path, [gsm8k], tiny_model, engine={"name": "vllm", "tensor_parallel_size": 2}, model={"device": "cpu"})
     cfg = make_config(tmp_path, [gsm8k], tiny_model, engine={"name": "vllm"}, model={"device": "cpu"})
-    s = cfg.vllm_settings()
+    s = VLLMEngine.settings(cfg)
     assert s["enforce_eager"] is True and s["max_num_batched_tokens"] == 2048 and s["max_model_len"] == 2048
 
 
@@ -71,7 +72,7 @@ def test_parameter_count_from_config_equals_the_models(name):
     import torch
     import transformers
 
-    from instructdiff_ray.memory import param_count
+    from instructdiff_ray.engines.memory import param_count
 
     cls, fields = SHAPES[name]
     config = getattr(transformers, cls)(**fields)
@@ -82,10 +83,10 @@ def test_parameter_count_from_config_equals_the_models(name):
 
 def test_memory_requests_add_up_per_gpu(tmp_path, tiny_model, gsm8k):
     """Each actor asks vLLM for its share of a GPU; the engines it holds split that share."""
-    from instructdiff_ray.memory import plan
+    from instructdiff_ray.engines.memory import plan
 
     def util(**ray):
-        return make_config(tmp_path, [gsm8k], tiny_model, ray=ray).vllm_settings()["gpu_memory_utilization"]
+        return VLLMEngine.settings(make_config(tmp_path, [gsm8k], tiny_model, ray=ray))["gpu_memory_utilization"]
 
     assert util() == pytest.approx(0.9) and util(gpus_per_actor=1) == pytest.approx(0.9)
     assert util(gpus_per_actor=0.5) == pytest.approx(0.45)  # two half-GPU actors: 0.9 of the GPU together
@@ -109,7 +110,8 @@ def test_impossible_memory_plans_are_refused_before_any_model_loads(tmp_path, gs
     two pools (one model per GPU), together is refused naming pools. A 70B model: tensor parallel 4
     on 80 GB cards together, 2 in pools; 8 on 24 GB cards in pools; nothing fits 16 GB cards."""
     pytest.importorskip("vllm")
-    from instructdiff_ray.pipeline import check_model_fits_template, placement
+    from instructdiff_ray.engines.memory import placement
+    from instructdiff_ray.preflight import check_model_fits_template
 
     def cfg_for(name, gb, tp=1, where="auto"):
         d = tmp_path / f"{name}-{gb}-{tp}-{where}"

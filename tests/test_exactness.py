@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from instructdiff_ray.config import DataConfig, TemplateConfig
 from instructdiff_ray.corpus import plan_shards, read_shard
-from instructdiff_ray.engines import EngineSettings, HFEngine
+from instructdiff_ray.engines.base import EngineSettings
+from instructdiff_ray.engines.hf import HFEngine
 from instructdiff_ray.models import load_tokenizer, resolve_model
 from instructdiff_ray.template import tokenize_samples
 from reference import reference_scores
@@ -96,7 +97,7 @@ def test_a_row_that_fails_alone_is_split_out_and_only_it_fails(tiny_model, tiny_
 def test_systemic_faults_raise_instead_of_marking_rows(tiny_model, tiny_lora, gsm8k, monkeypatch, tmp_path):
     """A CUDA error, or one error on every row of a batch, is the process's fault: EngineFault."""
     from instructdiff_ray import faults
-    from instructdiff_ray.engines import EngineFault, run_split
+    from instructdiff_ray.engines.base import EngineFault, run_split
 
     ids, masks = _tokenized(tiny_model, gsm8k, 6)
     eng = HFEngine(str(tiny_model), str(tiny_lora), EngineSettings(max_batch_size=3, max_batch_tokens=100_000))

@@ -243,7 +243,8 @@ def test_builtin_model_and_a_warmup_trained_into_an_s3_run_dir(cluster, tmp_path
     a LoRA warmup trained on a worker node and written to the S3 run directory, from where every
     scoring actor fetches it: base scores equal a single process on this machine, warmup scores
     equal the hf engine run here with the adapter the job wrote."""
-    from instructdiff_ray.engines import EngineSettings, HFEngine
+    from instructdiff_ray.engines.base import EngineSettings
+    from instructdiff_ray.engines.hf import HFEngine
     from instructdiff_ray.models import load_tokenizer, resolve_model
     from instructdiff_ray.template import tokenize_samples
     from instructdiff_ray.config import DataConfig, TemplateConfig

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 import tiny
 from instructdiff_ray.config import DataConfig, TemplateConfig
 from instructdiff_ray.corpus import normalize, plan_shards, read_shard
-from instructdiff_ray.engines import EngineSettings, HFEngine
+from instructdiff_ray.engines.base import EngineSettings
+from instructdiff_ray.engines.hf import HFEngine
 from instructdiff_ray.models import load_tokenizer
 from instructdiff_ray.template import alpaca_prompt, tokenize_samples
 from reference import reference_scores

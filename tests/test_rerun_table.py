@@ -25,6 +25,7 @@ SPECIAL = {
     "data.limit": lambda ctx: 30,
     "model.base": lambda ctx: str(ctx["other_base"]),
     "model.warmup": lambda ctx: str(ctx["other_base"]),
+    "engine.name": lambda ctx: "vllm",  # another registered engine
     "template.raw_separator": lambda ctx: " => ",
     "warmup.target_modules": lambda ctx: ["q_proj", "v_proj"],
     "warmup.preset": lambda ctx: "paper",

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import make_config
 from instructdiff_ray import corpus, rundir
+from instructdiff_ray.readers import jsonl as readers_jsonl
 from instructdiff_ray.config import DataConfig, SelectionConfig
 from instructdiff_ray.corpus import iter_unit, load_plan, plan_shards, read_units
 from instructdiff_ray.export import export_selection
@@ -45,7 +46,7 @@ def test_jsonl_byte_ranges_account_for_every_line(tmp_path, monkeypatch):
     path = tmp_path / "c.jsonl"
     path.write_bytes(body.encode("utf-8"))
     expected = [i for i, line in enumerate(lines) if line.strip()]
-    monkeypatch.setattr(corpus, "RANGE_BYTES", 37)
+    monkeypatch.setattr(readers_jsonl, "RANGE_BYTES", 37)
     for shard_rows in (1, 4, 1000):
         shards = plan_shards(DataConfig(paths=[str(path)], shard_rows=shard_rows))
         got = _every_row(shards)
@@ -105,7 +106,7 @@ def test_export_keeps_every_field_of_heterogeneous_rows(tmp_path, monkeypatch):
     rows[25]["score"] = 0.5
     src = tmp_path / "h.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(corpus, "RANGE_BYTES", 100)
+    monkeypatch.setattr(readers_jsonl, "RANGE_BYTES", 100)
     shards = plan_shards(DataConfig(paths=[str(src)], shard_rows=4))
     chosen = [25, 3, 17, 0, 29]
     sel = pa.table({"source_file": [str(src)] * 5, "source_row": chosen, "rank": list(range(5))})

@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from instructdiff_ray.engines import EngineSettings, HFEngine, mask_spans
+from instructdiff_ray.engines.base import EngineSettings, mask_spans
+from instructdiff_ray.engines.hf import HFEngine
 from instructdiff_ray.models import resolve_model
 from reference import reference_scores
 from test_exactness import _engine_scores as _hf
@@ -61,7 +62,7 @@ def test_architectures_come_from_vllms_registry_and_others_are_refused(tmp_path)
     class; multimodal and encoder-decoder models are refused with the reason."""
     import json
 
-    from instructdiff_ray.engines import vllm_architecture, vllm_text_architectures
+    from instructdiff_ray.engines.vllm import vllm_architecture, vllm_text_architectures
 
     archs = vllm_text_architectures()
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",

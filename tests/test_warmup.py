@@ -50,7 +50,8 @@ def test_warmup_loss_equals_scoring_nll_with_a_logit_transform(tmp_path, gsm8k):
 
     from instructdiff_ray.config import DataConfig, TemplateConfig
     from instructdiff_ray.corpus import read_shard
-    from instructdiff_ray.engines import EngineSettings, HFEngine
+    from instructdiff_ray.engines.base import EngineSettings
+    from instructdiff_ray.engines.hf import HFEngine
     from instructdiff_ray.models import load_tokenizer
     from instructdiff_ray.template import tokenize_samples
     from instructdiff_ray.warmup import response_loss

@@ -8,8 +8,8 @@ requested response tokens, in chunks, with the same fp32 log-softmax as the hf e
 
 The classes are registered with vLLM's model registry from the `vllm.general_plugins` entry point
 (`engines.register_vllm_models`), because vLLM may build the model in its engine-core/worker
-processes, and directly by `engines.VLLMEngine` in the actor's own process.
-Only this module and `engines.VLLMEngine` import vLLM.
+processes, and directly by `engines.vllm.VLLMEngine` in the actor's own process.
+Only this module and `engines/vllm.py` import vLLM.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import torch
 from vllm.model_executor.layers.pooler import Pooler, PoolingParamsUpdate
 from vllm.model_executor.models.interfaces_base import VllmModelForPooling
 
-from .engines import VLLM_PREFIX
-from .metrics import chunk_positions, token_logp_entropy
+from ..metrics import chunk_positions, token_logp_entropy
+from .base import SPANS_KEY, VLLM_PREFIX
 
-# spans = [[first, stop), ...] label positions (token indices whose log-prob is wanted)
-SPANS_KEY = "instructdiff_spans"
 
 
 class TokenScorePooler(Pooler):
@@ -119,7 +117,7 @@ def scoring_class(arch: str) -> type:
 
 
 def __getattr__(name: str) -> type:
-    """`instructdiff_ray.vllm_model:InstructDiffScore<Arch>`, the lazy names the plugin registers."""
+    """`instructdiff_ray.engines.vllm_model:InstructDiffScore<Arch>`, the lazy names the plugin registers."""
     if name.startswith(VLLM_PREFIX):
         return scoring_class(name[len(VLLM_PREFIX):])
     raise AttributeError(name)

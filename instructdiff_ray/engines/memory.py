@@ -16,8 +16,16 @@ time: weights per GPU (parameters from config.json x dtype bytes / tensor_parall
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ..config import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM_GB = 2.0  # activations, the CUDA context and the smallest useful KV cache, per engine per GPU
@@ -77,3 +85,67 @@ def smallest_tensor_parallel(params: int, dtype: str, engines: int, utilization:
         if plan(params, dtype, engines, utilization, tp, tp, gpu_gb).fits:
             return tp
     return None
+
+
+def params_of(model_config: dict[str, Any] | None) -> int | None:
+    """The base model's parameter count, None when its config.json lacks the decoder fields
+    (GPT-2 names them n_embd, ...)."""
+    try:
+        return param_count(model_config) if model_config else None
+    except KeyError:
+        return None
+
+
+def engine_plan(cfg: RunConfig, params: int, engines: int):
+    e = cfg.engine
+    return plan(params, cfg.model.dtype, engines, e.gpu_memory_utilization, cfg.ray.gpus_per_actor,
+                e.tensor_parallel_size, e.gpu_memory_gb)
+
+
+def base_model_config(cfg: RunConfig) -> dict[str, Any] | None:
+    """The base model's config.json (a Hub model brings only its config and tokenizer here)."""
+    import json
+    from pathlib import Path
+
+    from ..models import kind, resolve_model
+
+    if kind(cfg.model.base) in ("builtin", "gguf"):
+        return None
+    path = Path(resolve_model(cfg.model.base, tokenizer_only=True)) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def placement(cfg: RunConfig, model_config: dict[str, Any] | None = None) -> str:
+    """together or pools (engine.placement; auto: pools when the vllm engine's two models do not
+    fit one actor's GPUs but one model does)."""
+    if cfg.engine.placement != "auto":
+        return cfg.engine.placement
+    if cfg.engine.name != "vllm" or not cfg.engine.gpu_memory_gb:
+        return "together"
+    params = params_of(model_config or base_model_config(cfg))
+    if params is None:
+        return "together"
+    together, alone = engine_plan(cfg, params, 2), engine_plan(cfg, params, 1)
+    return "pools" if together.fits is False and alone.fits else "together"
+
+
+def check_gpu_memory(cfg: RunConfig, model_config: dict[str, Any]) -> None:
+    """vllm: refuse a plan whose weights cannot fit the GPUs before anything loads (memory.py)."""
+    e = cfg.engine
+    if not e.gpu_memory_gb:
+        return
+    params = params_of(model_config)
+    if params is None:
+        log.warning("engine.gpu_memory_gb: cannot count the parameters of model.base (its config.json lacks the "
+                    "decoder size fields); the memory check is skipped")
+        return
+    engines = 1 if placement(cfg, model_config) == "pools" else 2
+    p = engine_plan(cfg, params, engines)
+    if p.fits is False:
+        tp = smallest_tensor_parallel(params, cfg.model.dtype, engines, e.gpu_memory_utilization, e.gpu_memory_gb)
+        hint = (f"engine.tensor_parallel_size={tp} with ray.gpus_per_actor={tp}" if tp else "a GPU with more memory")
+        if engines == 2 and engine_plan(cfg, params, 1).fits:
+            hint = "engine.placement: pools (one model per actor)"
+        held = "the base and warmup engines together" if engines == 2 else "one engine per actor (placement: pools)"
+        raise ConfigError(f"model.base does not fit: {p.describe(e.gpu_memory_gb)}, over budget; round 1 holds "
+                          f"{held}. Use {hint}, or a smaller model.dtype")
