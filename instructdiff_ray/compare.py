@@ -279,7 +279,14 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     task = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=training_gpus(cfg), max_retries=1)(run_unit)
     heldout_ref = ray.put(heldout)
     running: dict[Any, str] = {}
-    for name in pending:
+    queue = list(pending)
+    # Units in flight: on GPUs as many as the scoring pool may take (ray.max_actors), so an autoscaler is
+    # not asked for a node per unit; on CPUs as many as the cluster's CPUs hold.
+    gpus = training_gpus(cfg)
+    window = max(1, cfg.ray.max_actors if gpus else int(ray.cluster_resources().get("CPU", 1) // cfg.ray.cpus_per_actor))
+
+    def submit(name: str) -> None:
+        """A unit's training rows are collected only when it starts, so the driver holds at most `window` sets."""
         info = {k: v for k, v in plans.get(name, {"strategy": BASE_UNIT, "seed": None}).items() if k != "rows"}
         samples = None
         if name != BASE_UNIT:
@@ -287,8 +294,11 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
         ucfg = cfg.model_copy(update={"warmup": train.model_copy(update={"seed": info["seed"] or 0}),
                                       "engine": cfg.engine.model_copy(update={"threads": threads})})
         running[task.remote(ucfg, name, samples, heldout_ref, info)] = name
+
     failed: dict[str, str] = {}
-    while running:
+    while queue or running:
+        while queue and len(running) < window:
+            submit(queue.pop(0))
         ready, _ = ray.wait(list(running), num_returns=1)
         name = running.pop(ready[0])
         try:

@@ -5,7 +5,7 @@ forwards from workers, and Ray's C++ core worker) goes to `RUN/_logs/driver-<tim
 gets the same lines minus Ray's start-up, info and warning output and the errors Ray itself calls
 harmless, so a person sees the job's own progress and real errors. `--progress ray` and `-v` show
 everything, as before. On an object store the log is written locally and uploaded when the
-command ends.
+command ends, whether it succeeded or failed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import traceback
 from typing import Iterator
 
 from . import rundir
+from .config import ConfigError
 
 # Ray's C++ log lines: "[2026-11-30 08:44:56,380 E 6829 6829] core_worker.cc:2465: ..."
 _CPP = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] ")
@@ -106,30 +107,52 @@ def _flush(fd: int) -> None:
 
 @contextlib.contextmanager
 def run_log(run_dir: str, progress: str = "auto", verbose: bool = False) -> Iterator[str]:
-    """Keep this command's output in the run directory's log; yield the log's final location."""
+    """Keep this command's output in the run directory's log; yield the log's final location.
+
+    A command refused for its configuration (ConfigError, e.g. a local path on a cluster whose
+    nodes share no disk) leaves nothing behind: its log and the directories made for it go."""
     final = rundir.log_file(run_dir, log_name())
+    created: list[str] = []
     if rundir.is_local(run_dir):
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+        for d in (run_dir, os.path.dirname(final)):
+            if not os.path.isdir(d):
+                os.makedirs(d)
+                created.append(d)
         local = final
     else:
         local = os.path.join(tempfile.mkdtemp(prefix="instructdiff-log-"), os.path.basename(final))
+    refused, story = False, ""
     with open(local, "ab", buffering=0) as log_file:
         lock = threading.Lock()
         splits = [_Split(fd, log_file, lock, filtered=progress != "ray" and not verbose) for fd in (1, 2)]
         _current.append(final)
         try:
             yield final
-        except BaseException:  # the terminal gets one line from the CLI; the log keeps the whole story
-            _flush(2)
-            with lock:
-                log_file.write(traceback.format_exc().encode())
+        except BaseException as err:  # the terminal gets one line from the CLI; the log keeps the whole story
+            refused, story = isinstance(err, ConfigError), traceback.format_exc()
             raise
         finally:
             _current.pop()
             for split in splits:
-                split.close()
-    if local != final:
-        try:
-            rundir.fs_of(final)[0].put(local, rundir.fs_of(final)[1])
-        except Exception as err:  # a lost log must not turn a finished job into a failure
-            print(f"warning: the log could not be uploaded to {final} ({err}); it is at {local}", file=sys.stderr)
+                split.close()  # every line printed so far is in the log, so the traceback comes last
+            log_file.write(story.encode())
+            if refused:
+                _discard(local, created)
+            elif local != final:
+                _upload(local, final)
+
+
+def _discard(local: str, created: list[str]) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(local)
+    for d in reversed(created):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)  # only if empty: nothing else was written there
+
+
+def _upload(local: str, final: str) -> None:
+    try:
+        fs, path = rundir.fs_of(final)
+        fs.put(local, path)
+    except Exception as err:  # a lost log must not turn a finished job into a failure
+        print(f"warning: the log could not be uploaded to {final} ({err}); it is at {local}", file=sys.stderr)

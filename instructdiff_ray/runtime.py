@@ -120,13 +120,35 @@ def training_gpus(cfg: RunConfig) -> int:
 
 
 def _is_multi_node() -> bool:
+    """Whether this cluster has, or may get, nodes that share no disk with the driver: decided by its
+    configuration, not by the nodes alive now (a head-only autoscaling cluster adds workers later)."""
     import ray
 
-    if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1:
         return True
+    if alive and alive[0].get("Resources", {}).get("CPU", 0) == 0:
+        return True  # a head that offers nothing for work: every task will run on workers it does not have yet
     try:
-        return ray._private.state.state.get_cluster_config() is not None
-    except Exception:  # noqa: BLE001
+        if ray._private.state.state.get_cluster_config() is not None:  # autoscaler v2 publishes its node types
+            return True
+    except Exception:  # noqa: BLE001 - an older Ray without the call
+        pass
+    return _autoscaler_v1_running()
+
+
+def _autoscaler_v1_running() -> bool:
+    """Autoscaler v1 (the VM launcher's default) publishes no node types, but its monitor reports
+    each update into the cluster's key-value store."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    try:
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) if _internal_kv_initialized() else None
+        return bool(raw) and "autoscaler_report" in json.loads(raw)
+    except Exception:  # noqa: BLE001 - no monitor, or a status this version cannot read
         return False
 
 

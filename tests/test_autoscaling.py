@@ -129,3 +129,37 @@ def test_autoscaling_grows_the_pool_survives_preemption_and_scales_down(fake_clu
     while _alive_worker_nodes(ray) and time.time() < deadline:  # idle nodes go away
         time.sleep(2)
     assert not _alive_worker_nodes(ray), "idle worker nodes were not removed"
+
+
+def test_a_head_only_autoscaling_cluster_refuses_local_paths_and_sizes_training_by_gpus(fake_cluster, tmp_path,
+                                                                                          tiny_model, gsm8k):
+    """Before any worker exists: the cluster's configuration (an autoscaler, a head that offers
+    nothing) makes it multi-node, so local paths are refused before anything is written; scoring
+    actors of a TP-2 vllm engine ask for two GPUs, each training worker for one."""
+    import ray
+
+    env = dict(fake_cluster["env"], RAY_ADDRESS=fake_cluster["address"])
+    out = tmp_path / "run"
+    res = subprocess.run([BIN / "python", "-m", "instructdiff_ray", "run", "--data", str(gsm8k), "--limit", "20",
+                          "--base", str(tiny_model), "--out", str(out)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: out: {out} is a local path")
+    assert "Traceback" not in res.stderr and not out.exists()  # nothing written, not even the log
+
+    from instructdiff_ray import runtime
+    from instructdiff_ray.config import build_config
+
+    ray.init(address=fake_cluster["address"], logging_level="ERROR")
+    try:
+        assert [n for n in ray.nodes() if n["Alive"]] and not _alive_worker_nodes(ray)  # still head-only
+        assert runtime._is_multi_node()
+        deadline = time.time() + 30  # the autoscaler's own report (a head with CPUs would be told apart by it)
+        while not runtime._autoscaler_v1_running() and time.time() < deadline:
+            time.sleep(0.5)
+        assert runtime._autoscaler_v1_running()
+        cfg = build_config({"out": "s3://b/run", "data": {"paths": ["s3://b/c.jsonl"]}, "model": {"base": "smollm2"},
+                            "engine": {"name": "vllm", "tensor_parallel_size": 2}, "ray": {"gpus_per_actor": 2}})
+        assert runtime.gpus_per_actor(cfg) == 2 and runtime.training_gpus(cfg) == 1
+    finally:
+        ray.shutdown()

@@ -56,10 +56,33 @@ def test_run_log_on_an_object_store_is_uploaded_when_the_command_ends(s3):
         from instructdiff_ray.console import run_log
         with run_log("s3://console-log/run") as log:
             print("[run] log at", log, file=sys.stderr, flush=True)
+            raise RuntimeError("a failed command keeps its log too")
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    url = res.stderr.decode().split("[run] log at ", 1)[1].strip()
+    assert res.returncode == 1 and b"RuntimeError" in res.stderr
+    url = res.stderr.decode().split("[run] log at ", 1)[1].splitlines()[0].strip()
     assert url.startswith("s3://console-log/run/_logs/driver-")
     s3.invalidate_cache()
-    assert s3.cat(url) == f"[run] log at {url}\n".encode()
+    text = s3.cat(url).decode()
+    assert text.startswith(f"[run] log at {url}\n") and "RuntimeError: a failed command keeps its log too" in text
+
+
+def test_a_command_refused_for_its_configuration_leaves_nothing(tmp_path):
+    from instructdiff_ray.config import ConfigError
+    from instructdiff_ray.console import run_log
+
+    run = tmp_path / "new-run"
+    try:
+        with run_log(str(run)):
+            raise ConfigError("out: a local path on a cluster whose nodes share no disk")
+    except ConfigError:
+        pass
+    assert not run.exists()  # neither the log nor the directories made for it
+    (tmp_path / "old-run").mkdir()
+    (tmp_path / "old-run" / "keep.txt").write_text("x")
+    try:
+        with run_log(str(tmp_path / "old-run")):
+            raise ConfigError("refused")
+    except ConfigError:
+        pass
+    assert sorted(p.name for p in (tmp_path / "old-run").iterdir()) == ["keep.txt"]
