@@ -234,14 +234,27 @@ def test_pipeline_with_vllm_engine_equals_hf_engine(ray_local, tmp_path, tiny_mo
 def test_each_architecture_equals_the_hf_engine(ray_local, tmp_path, gsm8k, arch):
     """Tiny random models of each family (Llama and Qwen2 are covered above and in
     test_real_tokenizers): vLLM's own model class with our pooler equals the hf engine, Gemma 2's
-    final logit soft-capping included."""
+    final logit soft-capping included; a random LoRA warmup (served as merged weights) equals an
+    independent float64 forward of the adapter on the base, as exact as the base pass."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     import tiny
 
     model = tiny.build_tiny_arch(tmp_path / arch, arch)
+    lora = tiny.build_lora_adapter(model, tmp_path / f"{arch}-lora")
     ids, masks = _tokenized(model, gsm8k, 8)
-    got = _vllm_once(ray_local, model, None, ids, masks, "base", passes=("base",))
+    host = _host(ray_local, model, lora)
+    try:
+        got, got_warm = _vllm(host, ids, masks, "base"), _vllm(host, ids, masks, "warmup")
+    finally:
+        ray_local.kill(host)
     hf = HFEngine(str(model), None, EngineSettings())
     np.testing.assert_allclose(got, _hf(hf, ids, masks, "base"), atol=1e-4, rtol=0)
+    warm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), lora)
+    want = reference_scores(warm, ids, masks)
+    np.testing.assert_allclose(got_warm, want, atol=1e-4, rtol=0)
+    assert np.abs(want - got).max() > 1e-3  # the warmup is another model
 
 
 @pytest.mark.slow
