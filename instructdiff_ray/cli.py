@@ -257,9 +257,12 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str]] = {
     "demo": (cmd_demo, "run the whole job on SmolLM2-135M and HumanEval (installed from PyPI), on CPU",
              "example:\n  instructdiff demo --out runs/demo"),
     "compare": (cmd_compare, "fine-tune on each strategy's pick (and on all rows) and compare them on held-out data",
-                "examples:\n  instructdiff compare runs/math --eval heldout.jsonl\n"
-                "  instructdiff compare runs/math --eval train.jsonl --eval-skip 5000 --eval-limit 500 --seeds 0,1,2 \\\n"
-                "      --eval-command 'python my_eval.py {model_dir} {heldout}' --metric accuracy"),
+                "examples (after `instructdiff run examples/compare_gsm8k.yaml`):\n"
+                "  instructdiff compare runs/compare-gsm8k --eval hf://datasets/openai/gsm8k/main --eval-skip 5000 "
+                "--eval-limit 200\n"
+                "  instructdiff compare runs/compare-gsm8k --eval hf://datasets/openai/gsm8k/main --eval-skip 5000 "
+                "--eval-limit 200 \\\n      --seeds 0,1,2,3 --eval-command 'python tests/compare_eval.py {model_dir} "
+                "{heldout}' --metric nll64"),
     "report": (cmd_report, "(re)write plots, index.html and summary.md for a run directory",
                "example:\n  instructdiff report runs/demo"),
     "status": (cmd_status, "stage, shards done/pending, rows per status, throughput and ETA of a run",
@@ -310,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--eval-skip", type=int, help="skip the first N held-out rows")
             p.add_argument("--eval-limit", type=int, help="use at most N held-out rows")
             p.add_argument("--strategies", help="comma-separated (default: instructdiff,random,highest_dh,middle_dh,longest,full)")
-            p.add_argument("--seeds", help="comma-separated training seeds (default: 0,1)")
+            p.add_argument("--seeds", help="comma-separated training seeds (default: 0,1,2)")
             p.add_argument("--eval-command", help="per model: a shell command; {model_dir} and {heldout} are replaced; "
                                                   "its last JSON-object line of stdout holds the metric")
             p.add_argument("--metric", help="key of the command's JSON to compare (default: its only number)")

@@ -117,6 +117,7 @@ def fingerprint(cfg: RunConfig, scores_dir: str, heldout: list[Sample]) -> dict[
         "heldout": {"rows": len(heldout), "sha256": samples_digest(heldout)},
         "eval_command": c.eval_command,
         "metric": c.metric,
+        "exact_match": [c.exact_match, c.max_new_tokens],
     }
 
 
@@ -235,8 +236,13 @@ def run_unit(cfg: RunConfig, unit: str, samples: list[Sample] | None, heldout: l
         metrics = user_metrics(cfg.compare.eval_command, model_dir, heldout)
         name, value = pick_metric(cfg.compare, metrics)
         metric = {"name": name, "value": value, "all": metrics}
+    exact = None
+    if cfg.compare.exact_match:
+        from .evaluate import exact_match_eval
+
+        exact = exact_match_eval(cfg, model_dir, heldout)
     t2 = time.monotonic()
-    out = {"unit": unit, **info, "train": train, "heldout": evaluation, "user_metric": metric,
+    out = {"unit": unit, **info, "train": train, "heldout": evaluation, "user_metric": metric, "exact_match": exact,
            "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "cpus": cfg.ray.cpus_per_actor, "finished_at": time.time()}
     if armed("compare.before_unit_marker") == unit:
         kill_point("compare.before_unit_marker")
@@ -328,39 +334,50 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
+def _per_row(unit: dict[str, Any]) -> np.ndarray:
+    return np.array([np.nan if x is None else x for x in unit["heldout"]["per_row_nll"]], dtype=np.float64)
+
+
 def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int) -> dict[str, Any]:
-    """One row per strategy (means and sample std over seeds), the base model's row, and each
-    strategy's held-out NLL minus random's, paired over held-out rows (seed-averaged)."""
+    """One row per strategy: the mean over seeds with its 95% t interval, the base model's row,
+    and each strategy's held-out NLL minus random's, paired by held-out row and training seed
+    (random's pick is redrawn per seed), with a paired bootstrap 95% interval over rows and seeds."""
+    from .stats import excludes_zero, mean_interval, paired_bootstrap
+
     by: dict[str, list[dict[str, Any]]] = {}
     for u in units:
         by.setdefault(u["strategy"], []).append(u)
-
-    def per_row(us: list[dict[str, Any]]) -> np.ndarray:
-        return np.mean([[np.nan if x is None else x for x in u["heldout"]["per_row_nll"]] for u in us], axis=0)
-
-    reference = per_row(by["random"]) if "random" in by else None
+    random_by_seed = {u["seed"]: _per_row(u) for u in by.get("random", [])}
     rows = []
     for strategy, us in by.items():
         nll_mean, nll_std = _mean_std([u["heldout"]["nll"] for u in us])
+        _, nll_lo, nll_hi = mean_interval([u["heldout"]["nll"] for u in us])
         metric = [u["user_metric"]["value"] for u in us if u.get("user_metric")]
         m_mean, m_std = _mean_std(metric)
+        _, m_lo, m_hi = mean_interval(metric)
+        steps = [u["train"]["steps"] for u in us if u.get("train")]
+        em = [u["exact_match"]["accuracy"] for u in us if u.get("exact_match")]
+        em_mean, em_lo, em_hi = mean_interval(em)
         row = {"strategy": strategy, "seeds": [u["seed"] for u in us], "rows": float(np.mean([u.get("n_rows") or 0 for u in us])),
-               "tokens": float(np.mean([u.get("tokens") or 0 for u in us])), "nll_mean": nll_mean, "nll_std": nll_std,
+               "tokens": float(np.mean([u.get("tokens") or 0 for u in us])), "steps": float(np.mean(steps)) if steps else None,
+               "nll_mean": nll_mean, "nll_std": nll_std, "nll_ci": [nll_lo, nll_hi] if nll_lo is not None else None,
                "nll_per_token_mean": float(np.mean([u["heldout"]["nll_per_token"] for u in us])),
-               "metric_mean": m_mean, "metric_std": m_std,
+               "metric_mean": m_mean, "metric_std": m_std, "metric_ci": [m_lo, m_hi] if m_lo is not None else None,
+               "exact_match_mean": em_mean, "exact_match_ci": [em_lo, em_hi] if em_lo is not None else None,
                "train_seconds": float(np.mean([u["train_seconds"] for u in us])),
                "cpu_minutes": float(sum((u["train_seconds"] + u["eval_seconds"]) * u["cpus"] for u in us) / 60)}
-        if reference is not None and strategy not in ("random", BASE_UNIT):
-            diff = per_row(us) - reference
-            diff = diff[np.isfinite(diff)]
-            row["vs_random"] = float(diff.mean())
-            row["vs_random_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None
+        paired = [(_per_row(u), random_by_seed[u["seed"]]) for u in us if u["seed"] in random_by_seed]
+        if paired and strategy not in ("random", BASE_UNIT):
+            mean, lo, hi = paired_bootstrap(np.stack([a - b for a, b in paired]))
+            row.update(vs_random=mean, vs_random_ci=[lo, hi], vs_random_seeds=len(paired),
+                       distinguishable=excludes_zero(lo, hi))
         rows.append(row)
     rows.sort(key=lambda r: (r["strategy"] != BASE_UNIT, r["nll_mean"]))
     metric_name = next((u["user_metric"]["name"] for u in units if u.get("user_metric")), None)
     return {"budget": budget_settings(cfg),
             "train": training_settings(cfg).model_dump(mode="json", exclude={"seed"}),
             "heldout_rows": heldout_rows, "metric": metric_name, "higher_is_better": cfg.compare.higher_is_better,
+            "exact_match_rows": cfg.compare.exact_match,
             "strategies": rows, "cpu_minutes": float(sum(r["cpu_minutes"] for r in rows)),
             "units": {u["unit"]: {k: v for k, v in u.items() if k != "heldout"} | {"heldout": {
                 k: v for k, v in u["heldout"].items() if k != "per_row_nll"}} for u in units}}

@@ -144,6 +144,8 @@ class WarmupConfig(_Strict):
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     num_workers: int = Field(1, ge=1, description=">1 trains data-parallel with Ray Train")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory "
+                                                            "for long rows or large batches, about a third more compute")
 
     @model_validator(mode="before")
     @classmethod
@@ -211,7 +213,7 @@ class CompareConfig(_Strict):
     eval_limit: int | None = Field(None, ge=1, description="held-out: use at most N rows (after eval_skip)")
     strategies: list[str] = Field(default_factory=lambda: list(COMPARE_STRATEGIES), min_length=1,
                                   description="selection strategies at selection.budget, plus 'full' (every scored row)")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
                              description="training seeds (and the pick of 'random'); one unit per strategy x seed")
     full_seeds: list[int] | None = Field(None, description="seeds of the 'full' units (default: seeds); full data "
                                                           "costs about 1/budget selection units each")
@@ -223,6 +225,10 @@ class CompareConfig(_Strict):
     metric: str | None = Field(None, description="key of eval_command's JSON object shown in the table "
                                                  "(default: its only numeric key)")
     higher_is_better: bool = Field(True, description="of the user metric")
+    exact_match: int | None = Field(None, ge=1, description="greedy-decode the first N held-out rows and score exact "
+                                                            "match of the final number (GSM8K style: after '####', "
+                                                            "else the last number); off by default")
+    max_new_tokens: int = Field(256, ge=1, description="exact_match: tokens generated per row at most")
 
     @model_validator(mode="after")
     def _names(self) -> "CompareConfig":

@@ -336,28 +336,43 @@ def inspect_run(run_dir: str, n: int = 5, round_k: int | None = None) -> str:
 
 
 def comparison_markdown(table: dict[str, Any]) -> str:
-    """The comparison table (summary.md and comparison.md)."""
+    """The comparison table (summary.md and comparison.md): means over seeds with 95% intervals,
+    the paired difference from random with its bootstrap interval, optimizer steps and cost."""
     b = table["budget"]
     metric = table["metric"]
-    head = ["strategy", "seeds", "rows", "response tokens", "held-out NLL (mean ± std)", "Δ NLL vs random (paired ± s.e.; < 0: better)"]
+    head = ["strategy", "seeds", "rows", "response tokens", "steps", "held-out NLL: mean [95% CI]",
+            "Δ NLL vs random: mean [paired 95% CI] (< 0: better)"]
     if metric:
-        head.append(f"{metric} (mean ± std, {'higher' if table['higher_is_better'] else 'lower'} is better)")
+        head.append(f"{metric}: mean [95% CI] ({'higher' if table['higher_is_better'] else 'lower'} is better)")
+    exact = table.get("exact_match_rows")
+    if exact:
+        head.append(f"exact match on {exact} rows: mean [95% CI]")
     head.append("CPU-min")
     lines = [f"Held-out: {table['heldout_rows']} rows; budget β = {b['budget']} of {b['budget_unit']}, γ = {b['gamma']}; "
              f"training: {table['train']['method']}, {table['train']['epochs']} epoch(s), lr {table['train']['learning_rate']}; "
-             f"lower NLL is better; total {table['cpu_minutes']:.1f} CPU-minutes.\n",
+             f"lower NLL is better; total {table['cpu_minutes']:.1f} CPU-minutes. Intervals: t over seeds; Δ: bootstrap "
+             "over held-out rows and seeds, paired with random's unit of the same seed; **bold**: the interval "
+             "excludes 0.\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def pm(mean, std, digits=4):
-        return "n/a" if mean is None else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    def ci(mean, interval, digits=4):
+        if mean is None:
+            return "n/a"
+        return f"{mean:.{digits}f}" + (f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else "")
 
     for r in table["strategies"]:
         base = r["strategy"] == rundir.BASE_UNIT
+        delta = "-"
+        if "vs_random" in r:
+            delta = ci(r["vs_random"], r.get("vs_random_ci"))
+            delta = f"**{delta}**" if r.get("distinguishable") else delta
         cells = [f"{r['strategy']}" + (" (no fine-tuning)" if base else ""), "-" if base else str(len(r["seeds"])),
-                 "-" if base else f"{r['rows']:.0f}", "-" if base else f"{r['tokens']:.0f}", pm(r["nll_mean"], r["nll_std"]),
-                 pm(r.get("vs_random"), r.get("vs_random_se")) if "vs_random" in r else "-"]
+                 "-" if base else f"{r['rows']:.0f}", "-" if base else f"{r['tokens']:.0f}",
+                 "-" if base or r.get("steps") is None else f"{r['steps']:.0f}", ci(r["nll_mean"], r.get("nll_ci")), delta]
         if metric:
-            cells.append(pm(r["metric_mean"], r["metric_std"]))
+            cells.append(ci(r["metric_mean"], r.get("metric_ci")))
+        if exact:
+            cells.append(ci(r.get("exact_match_mean"), r.get("exact_match_ci"), 3))
         cells.append(f"{r['cpu_minutes']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

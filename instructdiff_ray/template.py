@@ -125,6 +125,16 @@ def render(sample: Sample, cfg: TemplateConfig, tokenizer) -> tuple[str, list[tu
     return text, [(len(prompt), len(text))], True
 
 
+def prompt_of(sample: Sample, cfg: TemplateConfig, tokenizer) -> tuple[str, bool] | str:
+    """(the text before the first response, add_special_tokens): what a model continues when it is
+    asked to answer (compare's exact match), cut where scoring's first response span starts."""
+    rendered = render(sample, cfg, tokenizer)
+    if isinstance(rendered, str):
+        return rendered
+    text, spans, special = rendered
+    return text[: spans[0][0]], special
+
+
 def tokenize_samples(samples: list[Sample], cfg: TemplateConfig, tokenizer) -> list[Tokenized]:
     """Tokenize the ok samples of a shard in one batched call; others pass their status through."""
     if not getattr(tokenizer, "is_fast", False):

@@ -199,6 +199,9 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
 
         model = get_peft_model(model, LoraConfig(r=w.lora_r, lora_alpha=w.lora_alpha, lora_dropout=w.lora_dropout,
                                                  target_modules=w.target_modules, task_type="CAUSAL_LM"))
+    if w.gradient_checkpointing:  # non-reentrant: also right for LoRA's frozen inputs, RNG (dropout) replayed
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss_module: torch.nn.Module = ResponseLoss(model)
     if ray_train:
         loss_module = ray.train.torch.prepare_model(loss_module)  # DDP over the whole loss when world > 1

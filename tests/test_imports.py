@@ -11,13 +11,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "instructdiff_ray"
 
 # Lowest first; a module may import its own layer and the layers below (docs/architecture.md).
 LAYERS = [
-    ["config", "strategies", "records", "faults", "metrics", "version", "engines", "engines.registry"],  # declarations
+    ["config", "strategies", "records", "faults", "metrics", "stats", "version", "engines", "engines.registry"],  # declarations
     ["rundir"],  # everything persisted
     ["sources", "models", "console"],
     ["runtime", "progress", "readers", "readers.base", "readers.io", "readers.jsonl", "readers.tables",
      "readers.parquet", "readers.arrow"],
     ["corpus", "template", "engines.base", "engines.memory", "engines.hf", "engines.vllm", "engines.vllm_model"],
-    ["export", "selection", "scoring", "warmup"],  # stages
+    ["export", "selection", "scoring", "warmup", "evaluate"],  # stages
     ["report", "tracking"],
     ["compare"],
     ["preflight", "pipeline"],  # the job

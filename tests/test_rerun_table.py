@@ -32,7 +32,7 @@ SPECIAL = {
     "ray.address": lambda ctx: "auto",
     "compare.eval": lambda ctx: [str(ctx["data2"])],
     "compare.strategies": lambda ctx: ["instructdiff", "random"],
-    "compare.seeds": lambda ctx: [0, 1, 2],
+    "compare.seeds": lambda ctx: [0, 1, 2, 3],
     "compare.full_seeds": lambda ctx: [0],
     "compare.eval_command": lambda ctx: "python -c 'print(1)'",
     "compare.metric": lambda ctx: "accuracy",
