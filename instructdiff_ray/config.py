@@ -29,7 +29,8 @@ class DataConfig(_Strict):
     """Where the corpus is and how its rows map onto prompt/response."""
 
     paths: list[str] = Field(min_length=1, description="files or directories, local or s3://, gs://")
-    format: Literal["auto", "jsonl", "json", "parquet", "csv", "arrow"] = "auto"
+    format: str = Field("auto", description="auto (by file name) or a reader of readers/: jsonl, json, parquet, csv, "
+                                            "arrow")
     split: str | None = Field(None, description="Hub datasets and save_to_disk DatasetDicts: the split to read "
                                                "(default: train, or the only one)")
     preset: Literal["auto", "alpaca", "qa", "prompt_completion", "messages", "sharegpt"] = "auto"

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import rundir, sources
 from .config import ConfigError, DataConfig
-from .readers import format_of, reader_for
+from .readers import READERS, format_of, reader_for
 from .readers.base import INVALID_UTF8, MALFORMED, Raw, Shard
 
 FULL_DIGEST_BYTES = 256 << 20  # local files up to this size are digested whole
@@ -72,6 +72,8 @@ def _is_data(relative: str) -> bool:
 def list_files(cfg: DataConfig) -> list[tuple[str, str]]:
     """Expand directories (skipping hidden and `_` names), keep known formats, in a sorted, stable
     order; Hub datasets and `save_to_disk` directories become their data files (sources.py)."""
+    if cfg.format != "auto" and cfg.format not in READERS:
+        raise ConfigError(f"data.format: unknown format {cfg.format!r}; choose from auto, {', '.join(READERS)}")
     out: list[tuple[str, str]] = []
     for p in cfg.paths:
         if sources.is_hub(p):

@@ -89,3 +89,12 @@ def test_set_takes_lists_and_words(tmp_path, gsm8k, capsys):
     assert plan["files"] == [str(gsm8k)] and plan["rows"] == 10
     assert main(args[:-1] + ["--set", "data.paths=[unclosed", "--dry-run"]) == 2
     assert "--set data.paths: cannot read" in _one_line(capsys)
+
+
+def test_an_unknown_input_format_is_one_line_naming_the_readers(tmp_path, gsm8k, capsys):
+    args = ["run", "--data", str(gsm8k), "--base", "smollm2", "--out", str(tmp_path / "o"), "--set", "data.format=jsnl",
+            "--dry-run"]
+    assert main(args) == 2
+    line = _one_line(capsys)
+    assert "data.format: unknown format 'jsnl'" in line and "jsonl, json, parquet, csv, arrow" in line
+    assert not (tmp_path / "o").exists()

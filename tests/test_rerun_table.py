@@ -26,6 +26,7 @@ SPECIAL = {
     "model.base": lambda ctx: str(ctx["other_base"]),
     "model.warmup": lambda ctx: str(ctx["other_base"]),
     "engine.name": lambda ctx: "vllm",  # another registered engine
+    "data.format": lambda ctx: "jsonl",  # another registered reader
     "template.raw_separator": lambda ctx: " => ",
     "warmup.target_modules": lambda ctx: ["q_proj", "v_proj"],
     "warmup.preset": lambda ctx: "paper",
