@@ -289,11 +289,13 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     # Units in flight: on GPUs as many as the scoring pool may take (ray.max_actors), so an autoscaler is
     # not asked for a node per unit; on CPUs as many as the cluster's CPUs hold.
     gpus = training_gpus(cfg)
+    devices = training_devices(cfg)
     window = max(1, cfg.ray.max_actors if gpus else int(ray.cluster_resources().get("CPU", 1) // cfg.ray.cpus_per_actor))
 
     def submit(name: str) -> None:
         """A unit's training rows are collected only when it starts, so the driver holds at most `window` sets."""
         info = {k: v for k, v in plans.get(name, {"strategy": BASE_UNIT, "seed": None}).items() if k != "rows"}
+        info["devices"] = devices  # what the unit holds, for its cost
         samples = None
         if name != BASE_UNIT:
             samples = collect_samples(cfg, shards, rows={f: set(r) for f, r in plans[name]["rows"].items()})
@@ -319,7 +321,7 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     if failed:
         raise RuntimeError(f"{len(failed)} compare units failed ({'; '.join(f'{k}: {v}' for k, v in failed.items())}); "
                            f"the {len(names) - len(failed)} finished units are kept; rerun to compute the rest")
-    table = summarize(cfg, [done[n] for n in names], len(heldout))
+    table = summarize(cfg, [done[n] for n in names], len(heldout), selection_cost(cfg))
     table["computed"], table["reused"] = pending, [n for n in names if n not in pending]
     write_comparison(cfg.out, table)
     from .report import write_run_report
@@ -338,7 +340,30 @@ def _per_row(unit: dict[str, Any]) -> np.ndarray:
     return np.array([np.nan if x is None else x for x in unit["heldout"]["per_row_nll"]], dtype=np.float64)
 
 
-def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int) -> dict[str, Any]:
+def selection_cost(cfg: RunConfig) -> float | None:
+    """Device-minutes the run spent to select (warmup training and both scoring passes, summed over
+    rounds): GPU-minutes on GPUs, else CPU-minutes, counted like the units' cost."""
+    if not rundir.exists(rundir.join(cfg.out, rundir.RUN_SUMMARY)):
+        return None
+    summary = RunSummary.from_dict(rundir.read_run_summary(cfg.out))
+    per_device = training_devices(cfg)
+    seconds = 0.0
+    for rnd in summary.rounds:
+        sc = rnd.scoring
+        seconds += (sc.base_seconds + sc.warmup_seconds + sc.alone_seconds) * per_device
+        seconds += float(rnd.warmup.get("seconds", 0.0)) * per_device * int(rnd.warmup.get("workers", 1) or 1)
+    return seconds / 60
+
+
+def training_devices(cfg: RunConfig) -> float:
+    """What one unit (or scoring actor) holds: its GPUs on a GPU cluster, else its CPUs."""
+    from .runtime import training_gpus
+
+    return float(training_gpus(cfg)) or cfg.ray.cpus_per_actor
+
+
+def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int,
+              selection_minutes: float | None = None) -> dict[str, Any]:
     """One row per strategy: the mean over seeds with its 95% t interval, the base model's row,
     and each strategy's held-out NLL minus random's, paired by held-out row and training seed
     (random's pick is redrawn per seed), with a paired bootstrap 95% interval over rows and seeds."""
@@ -365,7 +390,8 @@ def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int) ->
                "metric_mean": m_mean, "metric_std": m_std, "metric_ci": [m_lo, m_hi] if m_lo is not None else None,
                "exact_match_mean": em_mean, "exact_match_ci": [em_lo, em_hi] if em_lo is not None else None,
                "train_seconds": float(np.mean([u["train_seconds"] for u in us])),
-               "cpu_minutes": float(sum((u["train_seconds"] + u["eval_seconds"]) * u["cpus"] for u in us) / 60)}
+               # device-minutes: GPUs held on a GPU cluster, else CPUs (units before `devices` was recorded: CPUs)
+               "cpu_minutes": float(sum((u["train_seconds"] + u["eval_seconds"]) * u.get("devices", u["cpus"]) for u in us) / 60)}
         paired = [(_per_row(u), random_by_seed[u["seed"]]) for u in us if u["seed"] in random_by_seed]
         if paired and strategy not in ("random", BASE_UNIT):
             mean, lo, hi = paired_bootstrap(np.stack([a - b for a, b in paired]))
@@ -377,7 +403,7 @@ def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int) ->
     return {"budget": budget_settings(cfg),
             "train": training_settings(cfg).model_dump(mode="json", exclude={"seed"}),
             "heldout_rows": heldout_rows, "metric": metric_name, "higher_is_better": cfg.compare.higher_is_better,
-            "exact_match_rows": cfg.compare.exact_match,
+            "exact_match_rows": cfg.compare.exact_match, "selection_minutes": selection_minutes,
             "strategies": rows, "cpu_minutes": float(sum(r["cpu_minutes"] for r in rows)),
             "units": {u["unit"]: {k: v for k, v in u.items() if k != "heldout"} | {"heldout": {
                 k: v for k, v in u["heldout"].items() if k != "per_row_nll"}} for u in units}}

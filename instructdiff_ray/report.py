@@ -347,10 +347,10 @@ def comparison_markdown(table: dict[str, Any]) -> str:
     exact = table.get("exact_match_rows")
     if exact:
         head.append(f"exact match on {exact} rows: mean [95% CI]")
-    head.append("CPU-min")
+    head.append("device-min")
     lines = [f"Held-out: {table['heldout_rows']} rows; budget β = {b['budget']} of {b['budget_unit']}, γ = {b['gamma']}; "
              f"training: {table['train']['method']}, {table['train']['epochs']} epoch(s), lr {table['train']['learning_rate']}; "
-             f"lower NLL is better; total {table['cpu_minutes']:.1f} CPU-minutes. Intervals: t over seeds; Δ: bootstrap "
+             f"lower NLL is better; total {table['cpu_minutes']:.1f} device-minutes (GPUs held, or CPUs on CPU machines). Intervals: t over seeds; Δ: bootstrap "
              "over held-out rows and seeds, paired with random's unit of the same seed; **bold**: the interval "
              "excludes 0.\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -360,6 +360,14 @@ def comparison_markdown(table: dict[str, Any]) -> str:
             return "n/a"
         return f"{mean:.{digits}f}" + (f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else "")
 
+    by = {r["strategy"]: r for r in table["strategies"]}
+    if table.get("selection_minutes") is not None:  # what selecting cost, next to what training on it costs
+        cost = f"Cost in device-minutes: selecting (warmup and scoring) {table['selection_minutes']:.1f}"
+        if "instructdiff" in by:
+            cost += f"; fine-tuning on its pick {by['instructdiff']['cpu_minutes'] / len(by['instructdiff']['seeds']):.1f} per seed"
+        if "full" in by:
+            cost += f"; fine-tuning on every row {by['full']['cpu_minutes'] / len(by['full']['seeds']):.1f} per seed"
+        lines.insert(1, cost + ".\n")
     for r in table["strategies"]:
         base = r["strategy"] == rundir.BASE_UNIT
         delta = "-"

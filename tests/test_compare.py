@@ -65,12 +65,20 @@ def test_every_strategy_trained_and_measured_exactly(compared):
     rows = {r["strategy"]: r for r in table["strategies"]}
     assert rows["random"]["nll_std"] is not None and rows["full"]["seeds"] == [0]  # compare.full_seeds
     assert "vs_random" in rows["instructdiff"] and rows["base"]["cpu_minutes"] > 0
+    # intervals: t over the 2 seeds; the paired difference from random over rows and seeds (2 pairs; full: 1)
+    lo, hi = rows["random"]["nll_ci"]
+    assert lo < rows["random"]["nll_mean"] < hi
+    lo, hi = rows["instructdiff"]["vs_random_ci"]
+    assert lo <= rows["instructdiff"]["vs_random"] <= hi and rows["instructdiff"]["vs_random_seeds"] == 2
+    assert rows["full"]["vs_random_seeds"] == 1 and isinstance(rows["full"]["distinguishable"], bool)
+    assert rows["instructdiff"]["steps"] >= 1 and table["selection_minutes"] > 0
 
 
 def test_table_in_summary_report_and_run_summary(compared):
     run, result = compared
     summary = (run / "report" / "summary.md").read_text()
     assert "## Comparison" in summary and "nll64" in summary and "| full |" in summary
+    assert "Cost in device-minutes: selecting (warmup and scoring)" in summary and "paired 95% CI" in summary
     page = (run / "report" / "index.html").read_text()
     assert "Comparison" in page and 'data-name="comparison.png"' in page and "<table" in page
     assert (run / "report" / "comparison.png").stat().st_size > 1000
