@@ -92,6 +92,24 @@ def budget_settings(cfg: RunConfig) -> dict[str, Any]:
     return cfg.selection.model_dump(include={"budget", "budget_unit", "gamma"})
 
 
+def strategy_key(cfg: RunConfig, strategy: str, budget_unit: str) -> str:
+    """A strategy at the run's budget unit is named as itself; at the other one, STRATEGY@UNIT."""
+    return strategy if budget_unit == cfg.selection.budget_unit or strategy == FULL else f"{strategy}@{budget_unit}"
+
+
+def parse_key(cfg: RunConfig, key: str) -> tuple[str, str]:
+    """(strategy, budget unit) of a strategy key."""
+    strategy, _, unit = key.partition("@")
+    return strategy, unit or cfg.selection.budget_unit
+
+
+def compared_keys(cfg: RunConfig) -> list[str]:
+    """Every strategy at every compared budget unit (full once: it is every row)."""
+    units = cfg.compare.budget_units or [cfg.selection.budget_unit]
+    keys = [strategy_key(cfg, s, u) for u in units for s in cfg.compare.strategies]
+    return list(dict.fromkeys(keys))
+
+
 def training_settings(cfg: RunConfig):
     train = cfg.compare.train or cfg.warmup
     if train.num_workers > 1:
@@ -129,7 +147,7 @@ def in_pool(scores_dir: str, ids: list[str]) -> list[str]:
     return [i for i in ids if i in pool]
 
 
-def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) -> dict[str, dict[str, Any]]:
+def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) -> dict[str, dict[str, Any]]:  # (key, seed)
     """{unit: its training rows}, each strategy's pick written as a committed selection under
     compare/selections/ (run as a task: it reads every score row)."""
     from .config import SelectionConfig
@@ -137,11 +155,12 @@ def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) ->
 
     table = load_scores(scores_dir)
     out: dict[str, dict[str, Any]] = {}
-    for strategy, seed in units:
+    for key, seed in units:
+        strategy, budget_unit = parse_key(cfg, key)
         # full: every ok row once (a selection of all samples); random: its pick depends on the seed
         settings = (dict(strategy="longest", budget=1.0, budget_unit="samples") if strategy == FULL else
-                    budget_settings(cfg) | {"strategy": strategy, "seed": seed})
-        name = f"{strategy}-seed-{seed}" if strategy == "random" else strategy
+                    budget_settings(cfg) | {"strategy": strategy, "seed": seed, "budget_unit": budget_unit})
+        name = f"{key}-seed-{seed}" if strategy == "random" else key
         sel_dir = rundir.compare_selection_dir(cfg.out, name)
         commit = rundir.committed_selection(sel_dir)
         if commit is None:
@@ -150,7 +169,7 @@ def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) ->
         else:
             paths, stats = commit["paths"], rundir.read_json(commit["paths"]["stats"])
         rows = selected_rows(paths["scores"])
-        out[unit_name(strategy, seed)] = {"strategy": strategy, "seed": seed, "selection": sel_dir,
+        out[unit_name(key, seed)] = {"strategy": key, "seed": seed, "budget_unit": budget_unit, "selection": sel_dir,
                                           "rows": {f: sorted(r) for f, r in rows.items()},
                                           "n_rows": stats["selected_rows"], "tokens": stats["selected_response_tokens"]}
     return out
@@ -270,7 +289,7 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
         raise ConfigError(f"{len(overlap)} of {len(heldout)} held-out rows are also in the pool (first: {overlap[0]}); "
                           "a held-out set must not share a sample with what the models train on (see compare.eval_skip)")
     rundir.compare_stage(cfg.out).open(fingerprint(cfg, scores_dir, heldout), replace=False)
-    wanted = [(s, seed) for s in c.strategies for seed in (c.full_seeds if s == FULL and c.full_seeds else c.seeds)]
+    wanted = [(k, seed) for k in compared_keys(cfg) for seed in (c.full_seeds if k == FULL and c.full_seeds else c.seeds)]
     plans = remote_call(plan_units, cfg, scores_dir, wanted)
     names = [BASE_UNIT, *plans]
     finished = rundir.compare_stage(cfg.out).items()
@@ -372,7 +391,6 @@ def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int,
     by: dict[str, list[dict[str, Any]]] = {}
     for u in units:
         by.setdefault(u["strategy"], []).append(u)
-    random_by_seed = {u["seed"]: _per_row(u) for u in by.get("random", [])}
     rows = []
     for strategy, us in by.items():
         nll_mean, nll_std = _mean_std([u["heldout"]["nll"] for u in us])
@@ -392,8 +410,10 @@ def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int,
                "train_seconds": float(np.mean([u["train_seconds"] for u in us])),
                # device-minutes: GPUs held on a GPU cluster, else CPUs (units before `devices` was recorded: CPUs)
                "cpu_minutes": float(sum((u["train_seconds"] + u["eval_seconds"]) * u.get("devices", u["cpus"]) for u in us) / 60)}
-        paired = [(_per_row(u), random_by_seed[u["seed"]]) for u in us if u["seed"] in random_by_seed]
-        if paired and strategy not in ("random", BASE_UNIT):
+        # paired with random at the same budget unit and seed (full, at every row: with random at the run's unit)
+        reference = {r["seed"]: _per_row(r) for r in by.get(strategy_key(cfg, "random", parse_key(cfg, strategy)[1]), [])}
+        paired = [(_per_row(u), reference[u["seed"]]) for u in us if u["seed"] in reference]
+        if paired and parse_key(cfg, strategy)[0] not in ("random", BASE_UNIT):
             mean, lo, hi = paired_bootstrap(np.stack([a - b for a, b in paired]))
             row.update(vs_random=mean, vs_random_ci=[lo, hi], vs_random_seeds=len(paired),
                        distinguishable=excludes_zero(lo, hi))

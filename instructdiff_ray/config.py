@@ -216,6 +216,9 @@ class CompareConfig(_Strict):
                                   description="selection strategies at selection.budget, plus 'full' (every scored row)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
                              description="training seeds (and the pick of 'random'); one unit per strategy x seed")
+    budget_units: list[Literal["tokens", "samples"]] | None = Field(
+        None, description="compare each strategy at β of the tokens and/or β of the rows (default: selection.budget_unit); "
+                          "units of the other unit are named STRATEGY@UNIT")
     full_seeds: list[int] | None = Field(None, description="seeds of the 'full' units (default: seeds); full data "
                                                           "costs about 1/budget selection units each")
     train: WarmupConfig | None = Field(None, description="fine-tuning settings, identical for every unit "
@@ -318,6 +321,7 @@ RERUN: dict[str, str] = {
     "compare": "compare",
     "compare.strategies": "extend",
     "compare.seeds": "extend",
+    "compare.budget_units": "extend",
     "compare.full_seeds": "extend",
     "compare.higher_is_better": "reuse",  # only how the table reads
     "compare.train.seed": "reuse",  # each unit trains with its own seed (compare.seeds)

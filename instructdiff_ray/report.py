@@ -368,6 +368,9 @@ def comparison_markdown(table: dict[str, Any]) -> str:
         if "full" in by:
             cost += f"; fine-tuning on every row {by['full']['cpu_minutes'] / len(by['full']['seeds']):.1f} per seed"
         lines.insert(1, cost + ".\n")
+    if any("@" in r["strategy"] for r in table["strategies"]):
+        lines.insert(1, f"STRATEGY@UNIT: the same β of the other budget unit ({b['budget_unit']} elsewhere), paired with "
+                        "random at that unit.\n")
     for r in table["strategies"]:
         base = r["strategy"] == rundir.BASE_UNIT
         delta = "-"

@@ -160,3 +160,19 @@ def test_eval_command_failures_name_the_command_and_its_output(tmp_path):
     with pytest.raises(EvalCommandFailed, match="name the one to compare with compare.metric"):
         pick_metric(c, {"acc": 0.5, "f1": 0.4})
     assert pick_metric(CompareConfig(eval=["x"], metric="f1"), {"acc": 0.5, "f1": 0.4}) == ("f1", 0.4)
+
+
+def test_a_second_budget_unit_makes_its_own_picks(compared):
+    """compare.budget_units [tokens, samples]: each strategy also at β of the rows (STRATEGY@samples),
+    full once; its pick fills ⌊β·n⌋ rows, committed beside the token-budget picks."""
+    from instructdiff_ray.compare import compared_keys, config_for, plan_units, scores_of_run
+
+    run, _ = compared
+    cfg = config_for(str(run), {"budget_units": ["tokens", "samples"]})
+    assert compared_keys(cfg) == ["instructdiff", "random", "full", "instructdiff@samples", "random@samples"]
+    plans = plan_units(cfg, scores_of_run(str(run)), [("instructdiff@samples", 0), ("random@samples", 1)])
+    assert set(plans) == {"instructdiff@samples/seed-0", "random@samples/seed-1"}
+    stats = json.loads((run / "compare" / "selections" / "instructdiff@samples" / "stats.json").read_text())
+    assert stats["budget"]["unit"] == "samples" and stats["selected_rows"] == int(0.2 * stats["rows_scored"])
+    assert plans["instructdiff@samples/seed-0"]["n_rows"] == stats["selected_rows"]
+    assert (run / "compare" / "selections" / "random@samples-seed-1" / "_SELECTION_DONE.json").exists()
