@@ -74,11 +74,11 @@ def test_install_script_is_what_the_image_and_the_nodes_run():
     docker = (ROOT / "docker" / "Dockerfile").read_text()
     assert "cluster/install.sh gpu" in docker and "FROM rayproject/ray:2.60.0-" in docker
     env = {"DRY_RUN": "1", "PATH": "/usr/bin:/bin", "PYTHON": "python3"}
-    for role, extras in (("head", "[s3]"), ("gpu", "[s3,vllm]")):
+    for role, extras in (("head", "[s3,gcs,hf]"), ("gpu", "[s3,gcs,hf,vllm]")):
         out = subprocess.run(["bash", str(ROOT / "cluster" / "install.sh"), role], env=env, capture_output=True,
                              text=True, check=True).stdout.splitlines()
         assert out[0] == "python3 -m pip install -q ray[default,data]==2.60.0"
-        assert out[1].startswith("python3 -m pip install -q -e ") and out[1].split()[6].endswith(extras)
+        assert out[1].startswith("python3 -m pip install -q -e ") and out[1].split()[-1].endswith(extras)
     bad = subprocess.run(["bash", str(ROOT / "cluster" / "install.sh"), "cpu"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown role" in bad.stderr
     manifest = (ROOT / "cluster" / "kuberay-rayjob.yaml").read_text()
