@@ -98,7 +98,13 @@ def test_rerun_with_another_selection_setting_selects_again(rerun_dir, capsys):
 
 def test_warmup_command_on_a_run_directory_writes_only_its_stage(rerun_dir, capsys):
     run = rerun_dir / "run"
-    before = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.name != "_run_config.json")
+
+    def files():  # the run's files but its invocation history and each command's log
+        return sorted(p.relative_to(run) for p in run.rglob("*")
+                      if p.is_file() and p.name != "_run_config.json" and p.parent.name != "_logs")
+
+    logs = lambda: sorted((run / "_logs").glob("driver-*.log"))  # noqa: E731
+    before, logs_before = files(), logs()
     config = yaml.safe_load((rerun_dir / "job.yaml").read_text())
     args = ["warmup", "--data", *config["data"]["paths"], "--limit", "1000", "--shard-rows", "250", "--base",
             config["model"]["base"], "--out", str(run), "--threads", "1", "--progress", "off"]
@@ -107,13 +113,14 @@ def test_warmup_command_on_a_run_directory_writes_only_its_stage(rerun_dir, caps
                         "--set", "warmup.learning_rate=1e-3"]) == 2
     err = capsys.readouterr().err
     assert "fewer than one global batch of 8" in err and len(err.strip().splitlines()) == 1
+    assert logs() == logs_before  # a refused command leaves no log either
     # the same settings as the run: round 1's warmup is reused, nothing else is written
     sets = [f"warmup.{k}={v}" for k, v in config["warmup"].items()]
     assert main(args + [x for kv in sets for x in ("--set", kv)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["out_dir"].endswith("round-1/warmup")
-    after = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.name != "_run_config.json")
-    assert after == before
+    assert files() == before
+    assert len(logs()) == len(logs_before) + 1  # the warmup command's own log, beside the run's
 
 
 def test_select_refuses_unfinished_scores_unless_partial(rerun_dir, capsys):
