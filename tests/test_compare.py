@@ -21,7 +21,7 @@ def _config(tmp, gsm8k, base):
     return {"out": str(tmp / "run"), "data": {"paths": [str(gsm8k)], "limit": 40, "shard_rows": 20},
             "model": {"base": str(base)}, "engine": {"threads": 1},
             "warmup": {"alpha": 0.1, "max_steps": 2, "batch_size": 4, "learning_rate": 1e-3},
-            "selection": {"budget": 0.2}, "run": {"lease_ttl_s": 2}, "progress": "off",
+            "selection": {"budget": 0.2}, "run": {"lease_ttl_s": 20}, "progress": "off",
             "compare": {"eval": [str(gsm8k)], "eval_skip": 1000, "eval_limit": 10, "strategies": STRATEGIES,
                         "seeds": [0, 1], "full_seeds": [0], "train": {"batch_size": 4, "learning_rate": 1e-3},
                         "eval_command": f"{sys.executable} {EVAL} {{model_dir}} {{heldout}}", "metric": "nll64",

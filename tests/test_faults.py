@@ -65,7 +65,7 @@ def _chain_config(tmp, gsm8k, base):
     return {"out": str(tmp / "run"), "data": {"paths": [str(gsm8k)], "limit": 120, "shard_rows": 20},
             "model": {"base": str(base)}, "engine": {"threads": 1},
             "warmup": {"alpha": 0.1, "max_steps": 3, "batch_size": 4, "learning_rate": 1e-3},
-            "run": {"lease_ttl_s": 2}, "progress": "off"}
+            "run": {"lease_ttl_s": 20}, "progress": "off"}
 
 
 def _kill_chain(tmp: Path, config: dict, view) -> None:
