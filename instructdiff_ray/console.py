@@ -114,10 +114,11 @@ def run_log(run_dir: str, progress: str = "auto", verbose: bool = False) -> Iter
     final = rundir.log_file(run_dir, log_name())
     created: list[str] = []
     if rundir.is_local(run_dir):
-        for d in (run_dir, os.path.dirname(final)):
-            if not os.path.isdir(d):
-                os.makedirs(d)
-                created.append(d)
+        d = os.path.dirname(os.path.abspath(final))
+        while not os.path.isdir(d):  # every directory made for the log, deepest last
+            created.insert(0, d)
+            d = os.path.dirname(d)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
         local = final
     else:
         local = os.path.join(tempfile.mkdtemp(prefix="instructdiff-log-"), os.path.basename(final))

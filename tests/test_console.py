@@ -86,3 +86,15 @@ def test_a_command_refused_for_its_configuration_leaves_nothing(tmp_path):
     except ConfigError:
         pass
     assert sorted(p.name for p in (tmp_path / "old-run").iterdir()) == ["keep.txt"]
+
+
+def test_a_refused_command_removes_the_parent_directories_it_made(tmp_path):
+    from instructdiff_ray.config import ConfigError
+    from instructdiff_ray.console import run_log
+
+    try:
+        with run_log(str(tmp_path / "runs" / "a" / "b")):
+            raise ConfigError("refused")
+    except ConfigError:
+        pass
+    assert list(tmp_path.iterdir()) == []
