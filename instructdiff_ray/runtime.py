@@ -139,15 +139,23 @@ def _is_multi_node() -> bool:
 
 def _autoscaler_v1_running() -> bool:
     """Autoscaler v1 (the VM launcher's default) publishes no node types, but its monitor reports
-    each update into the cluster's key-value store."""
+    each update into the cluster's key-value store, naming the node types of its config. A local
+    `ray.init` runs the same monitor over a read-only provider whose only types are its own nodes
+    (`node_<id>`): that is no autoscaler that could add a node."""
     import json
+    import re
 
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
     try:
         raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) if _internal_kv_initialized() else None
-        return bool(raw) and "autoscaler_report" in json.loads(raw)
+        report = json.loads(raw).get("autoscaler_report") if raw else None
+        if not report:
+            return False
+        types = set(report.get("active_nodes") or {}) | set((report.get("node_type_mapping") or {}).values())
+        types |= set(report.get("pending_launches") or {})
+        return any(not re.fullmatch(r"node_[0-9a-f]+", t) for t in types)
     except Exception:  # noqa: BLE001 - no monitor, or a status this version cannot read
         return False
 

@@ -13,12 +13,16 @@ convention (`train-00000-of-00001.parquet`, `train.jsonl`, `data/train/...`).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from pathlib import Path
 
 
 from . import rundir
 from .config import ConfigError
+
+log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf://datasets/"
 _HUB = re.compile(r"^hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?(?:/(.*))?$")
@@ -59,17 +63,45 @@ def _split_of(relative: str, split: str) -> bool:
     return split in parts[:-1] or name == split or name.startswith(split + "-") or name.startswith(split + "_")
 
 
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def repo_files(repo: str, revision: str | None) -> tuple[str, list[str]]:
+    """(commit, every file) of a dataset repository: the Hub's own listing, so nothing is downloaded
+    to choose files; offline (or with the Hub unreachable) the files of the cached snapshot."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if not _offline():
+        try:
+            info = HfApi().dataset_info(repo, revision=revision)
+            return str(info.sha), sorted(s.rfilename for s in info.siblings or [])
+        except GatedRepoError:
+            raise DatasetNotFound(f"hf://datasets/{repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
+        except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+            raise DatasetNotFound(f"hf://datasets/{repo}: no such dataset or revision on the Hub "
+                                  f"({type(err).__name__})") from None
+        except Exception as err:  # noqa: BLE001 - unreachable: the cache may still hold it
+            log.warning("hf://datasets/%s: the Hub is not reachable (%s); listing the local cache", repo, err)
+    snap = _snapshot(repo, revision, None)
+    return snap.name, sorted(str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file())
+
+
 def hub_files(url: str, split: str | None, is_data) -> list[str]:
-    """The data files of a Hub dataset URL, named `hf://datasets/REPO@COMMIT/PATH` (sorted)."""
+    """The data files of a Hub dataset URL, named `hf://datasets/REPO@COMMIT/PATH` (sorted): chosen
+    from the repository's listing (the config's folder, then the split), none downloaded here."""
     repo, revision, sub = parse_hub(url)
-    snap = _snapshot(repo, revision, [f"{sub}/**"] if sub else None)
-    root = snap / sub if sub else snap
-    files = sorted(str(p.relative_to(snap)) for p in root.rglob("*") if p.is_file() and is_data(str(p.relative_to(root))))
+    commit, listed = repo_files(repo, revision)
+    prefix = f"{sub}/" if sub else ""
+    files = [f for f in listed if f.startswith(prefix) and is_data(f[len(prefix):])]
     if split:
-        files = [f for f in files if _split_of(f[len(sub) + 1:] if sub else f, split)]
+        files = [f for f in files if _split_of(f[len(prefix):], split)]
     if not files:
         raise ConfigError(f"data.paths: no data files in {url}" + (f" for split {split!r}" if split else ""))
-    return [f"{HUB_PREFIX}{repo}@{snap.name}/{f}" for f in files]
+    return [f"{HUB_PREFIX}{repo}@{commit}/{f}" for f in files]
 
 
 def hub_local(url: str) -> str:
