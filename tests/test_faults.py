@@ -65,7 +65,7 @@ def _chain_config(tmp, gsm8k, base):
     return {"out": str(tmp / "run"), "data": {"paths": [str(gsm8k)], "limit": 120, "shard_rows": 20},
             "model": {"base": str(base)}, "engine": {"threads": 1},
             "warmup": {"alpha": 0.1, "max_steps": 3, "batch_size": 4, "learning_rate": 1e-3},
-            "run": {"lease_ttl_s": 20}, "progress": "off"}
+            "run": {"lease_ttl_s": 2}, "progress": "off"}
 
 
 def _kill_chain(tmp: Path, config: dict, view) -> None:
@@ -116,7 +116,10 @@ def test_kill_at_every_named_point_on_s3_then_resume_equals_an_uninterrupted_run
     into place, so no kill leaves a partial object at a final key."""
     _, ref, base = killed_at_every_point
     s3.mkdir("kill-chain")
-    config = _chain_config(tmp_path, gsm8k, base) | {"out": "s3://kill-chain/run"}
+    # a longer lease: renewals on the S3 server can take over 2 s on a loaded machine (the killed driver's
+    # lease on this host is taken at once anyway); temporaries left by a kill are removed by the first
+    # driver that finds them older than the ttl
+    config = _chain_config(tmp_path, gsm8k, base) | {"out": "s3://kill-chain/run", "run": {"lease_ttl_s": 20}}
     views = iter(range(100))
 
     def view() -> Path:
