@@ -34,6 +34,7 @@ SPECIAL = {
     "compare.eval": lambda ctx: [str(ctx["data2"])],
     "compare.strategies": lambda ctx: ["instructdiff", "random"],
     "compare.seeds": lambda ctx: [0, 1, 2, 3],
+    "compare.budget_units": lambda ctx: ["tokens", "samples"],
     "compare.full_seeds": lambda ctx: [0],
     "compare.eval_command": lambda ctx: "python -c 'print(1)'",
     "compare.metric": lambda ctx: "accuracy",
