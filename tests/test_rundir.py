@@ -115,8 +115,10 @@ def test_lease_renewals_survive_503s_and_a_short_outage(s3, faults):
     time.sleep(1.0)
     faults.fail("PUT /lease-ok/run/", times=4)  # renewals (and their copies into place) fail
     time.sleep(1.5)
-    faults.outage(2.0, match="/lease-ok/")  # every request of this bucket fails for 2 s
-    time.sleep(2.5)
+    # every request of this bucket fails for 6 s: longer than the store client's backoff after the 503s, so
+    # renewals are certain to meet the outage (a 2 s one could pass while a renewal was backing off)
+    faults.outage(6.0, match="/lease-ok/")
+    time.sleep(6.5)
     with pytest.raises(LeaseHeld, match="in use by another driver"):  # a second driver, after the outage
         Lease(run, ttl_s=30, settle_s=0.1).acquire()
     t.join()
