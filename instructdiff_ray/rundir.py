@@ -609,6 +609,11 @@ class Stage:
         record = read_record(url)
         if record is None:  # an unreadable record written first leaves its items' origin unknown
             return ["(unreadable record)"] if self.has_items and exists(url) else None
+        return self.differs(record, fp, extra)
+
+    @staticmethod
+    def differs(record: dict[str, Any], fp: dict[str, Any], extra: dict[str, Any] | None = None) -> list[str]:
+        """What differs between a record already read and `fp` (and the `extra` values)."""
         old = record.get("fingerprint") or {}
         diffs = differing_keys(old, fp) if digest(old) != digest(fp) else []
         return diffs + [key for key, value in (extra or {}).items() if record.get(key) != value]
@@ -687,10 +692,10 @@ class Stage:
 
     def unmark(self, names: list[str]) -> None:
         """Make finished items pending again."""
-        fs, _ = fs_of(self.dir)
+        fs, root = fs_of(self.dir)
         for name in names:
             with contextlib.suppress(FileNotFoundError):
-                fs.rm(fs_of(self.item_path(name))[1])
+                fs.rm(join(root, self.kind.item.format(name)))
 
 
 def clear_dir(url: str) -> None:
@@ -843,13 +848,12 @@ def commit_selection(sel_dir: str, paths: dict[str, str], stats: dict[str, Any],
 def committed_selection(sel_dir: str, fingerprint: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The commit record of a finished selection, or None (files without a commit are not trusted).
     With `fingerprint`, `stale` lists what differs when the selection was made from other settings or scores."""
-    stage = Stage("selection", sel_dir)
-    commit = stage.done()
+    commit = Stage("selection", sel_dir).done()
     if commit is None:
         return None
-    commit["paths"] = {k: join(sel_dir, v.rstrip("/").rsplit("/", 1)[-1]) for k, v in commit.get("paths", {}).items()}
-    if fingerprint is not None and (stale := stage.changes(fingerprint)):
+    if fingerprint is not None and (stale := Stage.differs(commit, fingerprint)):
         commit["stale"] = stale
+    commit["paths"] = {k: join(sel_dir, v.rstrip("/").rsplit("/", 1)[-1]) for k, v in commit.get("paths", {}).items()}
     return commit
 
 
@@ -887,11 +891,6 @@ def unit_dir(run_dir: str, unit: str) -> str:
 
 def unit_model_dir(run_dir: str, unit: str) -> str:
     return join(unit_dir(run_dir, unit), "model")
-
-
-def unit_result(run_dir: str, unit: str) -> dict[str, Any] | None:
-    """A finished compare unit's result (written last, after its model and evaluation), or None."""
-    return read_record(compare_stage(run_dir).item_path(unit))
 
 
 def finished_units(run_dir: str) -> list[str]:
