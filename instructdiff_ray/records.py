@@ -34,24 +34,23 @@ class ScoreSummary:
     write_seconds: float = 0.0  # worker-seconds of writing shard files
     markers: list[dict[str, Any]] = field(default_factory=list, repr=False)  # not persisted
 
+    @property
+    def base_tokens_per_s(self) -> float | None:
+        return self.base_tokens / self.base_seconds if self.base_seconds else None
+
+    @property
+    def warmup_tokens_per_s(self) -> float | None:
+        return self.warmup_tokens / self.warmup_seconds if self.warmup_seconds else None
+
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "markers"}
-        d["base_tokens_per_s"] = self.base_tokens / self.base_seconds if self.base_seconds else None
-        d["warmup_tokens_per_s"] = self.warmup_tokens / self.warmup_seconds if self.warmup_seconds else None
+        d = {k: v for k, v in self.__dict__.items() if k != "markers"}  # not asdict: it would deep-copy every marker
+        d["base_tokens_per_s"], d["warmup_tokens_per_s"] = self.base_tokens_per_s, self.warmup_tokens_per_s
         d["too_long_share"] = self.status_counts.get("too_long", 0) / self.rows if self.rows else 0.0
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ScoreSummary":
         return cls(**_known(cls, d))
-
-    @property
-    def base_tokens_per_s(self) -> float | None:
-        return self.to_dict()["base_tokens_per_s"]
-
-    @property
-    def warmup_tokens_per_s(self) -> float | None:
-        return self.to_dict()["warmup_tokens_per_s"]
 
 
 @dataclass
