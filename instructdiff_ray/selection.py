@@ -178,8 +178,7 @@ def _floats(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
 
 def ifd(table: pa.Table, rows: np.ndarray, strategy: str) -> np.ndarray:
     """IFD per row (the derived score of the ifd strategies): NaN where not scored alone."""
-    cols = {c: _floats(table, c, rows) for c in STRATEGIES[strategy].columns}
-    return STRATEGIES[strategy].derived["ifd"](cols)
+    return _columns(table, rows, strategy)["ifd"]
 
 
 def _columns(table: pa.Table, rows: np.ndarray, strategy: str) -> dict[str, np.ndarray]:
