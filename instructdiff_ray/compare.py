@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from . import rundir
-from .rundir import BASE_UNIT, unit_name
 from .config import CompareConfig, ConfigError, RunConfig
 from .corpus import Sample, load_plan, samples_digest
 from .faults import armed, kill_point
 from .progress import Progress
 from .records import RunSummary
+from .rundir import BASE_UNIT, unit_name
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,8 @@ def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) ->
 def heldout_nll(cfg: RunConfig, model_dir: str, heldout: list[Sample]) -> dict[str, Any]:
     """Mean response NLL of the held-out rows under one model, computed as scoring computes it."""
     from .engines import make_engine
+    from .engines.base import engine_settings
     from .models import load_tokenizer
-    from .scoring import engine_settings
     from .template import tokenize_samples
 
     toks = [t for t in tokenize_samples(heldout, cfg.template, load_tokenizer(model_dir)) if t.status == "ok"]
@@ -301,14 +301,14 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
                   f"{len(names) - len(pending)} already done; held-out: {len(heldout)} rows")
     shards = load_plan(cfg.data, cfg.out).shards
     threads = cfg.engine.threads or max(1, int(cfg.ray.cpus_per_actor))
-    task = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=training_gpus(cfg), max_retries=1)(run_unit)
+    gpus = training_gpus(cfg)  # asks the cluster: once
+    devices = float(gpus) or cfg.ray.cpus_per_actor  # what one unit holds, for its cost
+    task = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpus, max_retries=1)(run_unit)
     heldout_ref = ray.put(heldout)
     running: dict[Any, str] = {}
     queue = list(pending)
     # Units in flight: on GPUs as many as the scoring pool may take (ray.max_actors), so an autoscaler is
     # not asked for a node per unit; on CPUs as many as the cluster's CPUs hold.
-    gpus = training_gpus(cfg)
-    devices = training_devices(cfg)
     window = max(1, cfg.ray.max_actors if gpus else int(ray.cluster_resources().get("CPU", 1) // cfg.ray.cpus_per_actor))
 
     def submit(name: str) -> None:
@@ -340,7 +340,7 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     if failed:
         raise RuntimeError(f"{len(failed)} compare units failed ({'; '.join(f'{k}: {v}' for k, v in failed.items())}); "
                            f"the {len(names) - len(failed)} finished units are kept; rerun to compute the rest")
-    table = summarize(cfg, [done[n] for n in names], len(heldout), selection_cost(cfg))
+    table = summarize(cfg, [done[n] for n in names], len(heldout), selection_cost(cfg, devices))
     table["computed"], table["reused"] = pending, [n for n in names if n not in pending]
     write_comparison(cfg.out, table)
     from .report import write_run_report
@@ -359,26 +359,18 @@ def _per_row(unit: dict[str, Any]) -> np.ndarray:
     return np.array([np.nan if x is None else x for x in unit["heldout"]["per_row_nll"]], dtype=np.float64)
 
 
-def selection_cost(cfg: RunConfig) -> float | None:
+def selection_cost(cfg: RunConfig, per_device: float) -> float | None:
     """Device-minutes the run spent to select (warmup training and both scoring passes, summed over
-    rounds): GPU-minutes on GPUs, else CPU-minutes, counted like the units' cost."""
+    rounds), with `per_device` what one actor or unit holds (its GPUs on GPUs, else its CPUs)."""
     if not rundir.exists(rundir.join(cfg.out, rundir.RUN_SUMMARY)):
         return None
     summary = RunSummary.from_dict(rundir.read_run_summary(cfg.out))
-    per_device = training_devices(cfg)
     seconds = 0.0
     for rnd in summary.rounds:
         sc = rnd.scoring
         seconds += (sc.base_seconds + sc.warmup_seconds + sc.alone_seconds) * per_device
         seconds += float(rnd.warmup.get("seconds", 0.0)) * per_device * int(rnd.warmup.get("workers", 1) or 1)
     return seconds / 60
-
-
-def training_devices(cfg: RunConfig) -> float:
-    """What one unit (or scoring actor) holds: its GPUs on a GPU cluster, else its CPUs."""
-    from .runtime import training_gpus
-
-    return float(training_gpus(cfg)) or cfg.ray.cpus_per_actor
 
 
 def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int,

@@ -137,14 +137,6 @@ BASE_PASS = [("base_nll", pa.list_(pa.float64())), ("base_entropy", pa.list_(pa.
              ("base_nll_alone", pa.list_(pa.float64())), ("base_stats", pa.string())]
 
 
-def engine_settings(cfg: RunConfig, passes: tuple[str, ...] = ("base", "warmup")):
-    """The engine's settings from the run config (its own fields included), defaults resolved for the device."""
-    from .engines import engine_class
-    from .engines.base import engine_settings as common
-
-    return common(cfg, passes, engine_class(cfg.engine.name).settings(cfg))
-
-
 class ScoreActor:
     """Holds its models for its lifetime and scores whole shards.
 
@@ -157,6 +149,7 @@ class ScoreActor:
 
     def __init__(self, cfg: RunConfig, base: str, warmup: str | None, base_scores_dir: str | None, stage: str = "all"):
         from .engines import engine_class, make_engine
+        from .engines.base import engine_settings
         from .models import is_adapter, merged_warmup, resolve_model
         from .runtime import quiet_libraries
 

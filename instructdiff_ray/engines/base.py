@@ -141,14 +141,16 @@ class Engine(Protocol):
         """Engine-specific EngineSettings fields, defaults resolved for the device."""
 
 
-def engine_settings(cfg: "RunConfig", passes: tuple[str, ...] = ("base", "warmup"), extra: dict[str, Any] | None = None
-                    ) -> EngineSettings:
-    """The settings every engine takes from the run config, defaults resolved for the device."""
+def engine_settings(cfg: "RunConfig", passes: tuple[str, ...] = ("base", "warmup")) -> EngineSettings:
+    """The engine's settings from the run config: those every engine takes and the configured
+    engine's own (`Engine.settings`), defaults resolved for the device."""
+    from .registry import engine_class
+
     limit_tokens, limit_rows = cfg.batch_limits()
     return EngineSettings(dtype=cfg.model.dtype, device=cfg.resolved_device(), max_batch_tokens=limit_tokens,
                           max_batch_size=limit_rows, padding_side=cfg.engine.padding_side,
                           logits_chunk=cfg.engine.logits_chunk, threads=cfg.torch_threads(), passes=passes,
-                          **(extra or {}))
+                          **engine_class(cfg.engine.name).settings(cfg))
 
 
 def mask_spans(mask: list[bool]) -> list[list[int]]:
