@@ -115,11 +115,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from . import api
-    from .preflight import check_config
 
     cfg = config_from_args(args)
-    check_config(cfg)  # before the log file: a mistake writes nothing
-    with _logged(args, cfg):
+    with _logged(args, cfg):  # api.score checks the config first; a refused one leaves no log behind
         result = api.score(cfg)
     print(json.dumps(asdict(result), indent=2))
     return EXIT_OK
@@ -127,13 +125,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import api
-    from .preflight import check_config
 
     cfg = config_from_args(args)
     if args.dry_run:
         print(json.dumps(api.plan(cfg), indent=2))
         return EXIT_OK
-    check_config(cfg)
     with _logged(args, cfg):
         result = api.run(cfg)
     print(f"selected data: {result.selected_data or '(not exported)'}\nstats: {result.stats_file}\nreport: {result.report}")
@@ -144,10 +140,8 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from . import api
-    from .preflight import check_config
 
     cfg = config_from_args(args)
-    check_config(cfg)
     with _logged(args, cfg):
         result = api.warmup(cfg)
     print(json.dumps(asdict(result), indent=2))
