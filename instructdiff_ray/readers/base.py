@@ -67,9 +67,22 @@ class Reader:
 
     def shards(self, path: str, results: list[Any], shard_rows: int, left: float, first_id: int) -> list[Shard]:
         """The file's shards from its scan results, at most `left` rows (the data.limit still open)."""
-        take = int(min(results[0], left))
-        return [Shard(first_id + i, path, self.name, a, min(a + shard_rows, take), min(a + shard_rows, take) - a)
-                for i, a in enumerate(range(0, take, shard_rows))]
+        return self.cut(path, [results[0]], shard_rows, left, first_id)
+
+    def cut(self, path: str, sizes: list[int], shard_rows: int, left: float, first_id: int,
+            grouped: bool = False) -> list[Shard]:
+        """Consecutive blocks of `sizes` rows (row groups when `grouped`, else one block: the file) cut
+        into shards of `shard_rows` that never cross a block, at most `left` rows in all."""
+        out: list[Shard] = []
+        start = 0
+        for g, size in enumerate(sizes):
+            take = int(min(size, left))
+            left -= take
+            for a in range(start, start + take, shard_rows):
+                b = min(a + shard_rows, start + take)
+                out.append(Shard(first_id + len(out), path, self.name, a, b, b - a, group=g if grouped else None))
+            start += size
+        return out
 
     def read(self, order: list[Shard]) -> Iterator[tuple[Shard, list[Raw]]]:
         """The raw rows of each shard of one read unit (sorted by row), in one sequential pass."""

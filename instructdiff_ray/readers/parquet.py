@@ -27,16 +27,7 @@ class ParquetReader(Reader):
         return sum(result)
 
     def shards(self, path: str, results: list[Any], shard_rows: int, left: float, first_id: int) -> list[Shard]:
-        out: list[Shard] = []
-        start = 0
-        for g, size in enumerate(results[0]):
-            take = int(min(size, left))
-            left -= take
-            for a in range(start, start + take, shard_rows):
-                b = min(a + shard_rows, start + take)
-                out.append(Shard(first_id + len(out), path, self.name, a, b, b - a, group=g))
-            start += size
-        return out
+        return self.cut(path, results[0], shard_rows, left, first_id, grouped=True)
 
     def read(self, order: list[Shard]) -> Iterator[tuple[Shard, list[Raw]]]:
         import pyarrow.parquet as pq
