@@ -30,6 +30,7 @@ _PY = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING|ER
 # The prefix Ray puts on lines forwarded from a worker: "\x1b[36m(MapWorker pid=7044)\x1b[0m "
 _WORKER = re.compile(rb"^(\x1b\[[0-9;]*m)?\([^()]*pid=\d+[^()]*\)(\x1b\[[0-9;]*m)? ?")
 _COLOUR = re.compile(rb"\x1b\[[0-9;]*m")
+MAX_PENDING = 1 << 16  # bytes of an unfinished line held back for the filter
 # Error-level lines Ray prints about its own bookkeeping that need nothing from the user.
 HARMLESS = (
     b"has constructor arguments in the object store and max_restarts > 0",  # Ray Data's actor pool
@@ -77,20 +78,26 @@ class _Split:
     def _copy(self) -> None:
         pending = b""
         while chunk := self.reader.read(65536):
+            if not self.filtered:  # everything shown, as it comes: progress bars redraw with \r, not lines
+                self._write(chunk, show=True)
+                continue
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
             for line in lines:
-                self._line(line + b"\n")
+                self._write(line + b"\n", show=to_terminal(line))
+            if len(pending) > MAX_PENDING:  # a line that never ends (a bar redrawn with \r): pass it on as is
+                self._write(pending, show=to_terminal(pending))
+                pending = b""
         if pending:
-            self._line(pending)
+            self._write(pending, show=to_terminal(pending))
 
-    def _line(self, line: bytes) -> None:
-        plain = _COLOUR.sub(b"", line)
+    def _write(self, data: bytes, show: bool) -> None:
+        plain = _COLOUR.sub(b"", data)
         with self.lock, contextlib.suppress(OSError, ValueError):
             self.log.write(plain)
-        if not self.filtered or to_terminal(line):
+        if show:
             with contextlib.suppress(OSError):
-                os.write(self.terminal, line if self.tty else plain)
+                os.write(self.terminal, data if self.tty else plain)
 
     def close(self) -> None:
         _flush(self.fd)

@@ -98,3 +98,19 @@ def test_a_refused_command_removes_the_parent_directories_it_made(tmp_path):
     except ConfigError:
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_everything_passes_as_written_with_verbose_and_long_unfinished_lines_are_not_held(tmp_path):
+    """-v / --progress ray: every byte reaches the terminal as it comes (a bar's `\\r` redraws are not
+    lines); filtered, a line longer than the filter holds back is passed on rather than kept."""
+    for verbose, data in ((True, AUTH + b"50%\r100%\r"), (False, b"x" * 70000 + b"\r" + b"y" * 10 + b"\n")):
+        script = textwrap.dedent(f"""
+            import os
+            from instructdiff_ray.console import run_log
+            with run_log({str(tmp_path / str(verbose))!r}, verbose={verbose}):
+                os.write(2, {data!r})
+        """)
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+        assert res.returncode == 0 and res.stderr == data, res.stderr[-200:]
+        (log,) = (tmp_path / str(verbose) / "_logs").glob("driver-*.log")
+        assert log.read_bytes() == data
