@@ -138,16 +138,17 @@ def warmup(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any):
     from .corpus import load_plan
     from .preflight import check_config
     from .runtime import preload_torch
-    from .warmup import collect_samples, draw_rows, train_warmup
+    from .runtime import init_ray
+    from .warmup import collect, draw_rows, train_warmup
 
     preload_torch()
     config = _config(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
     check_config(config)
+    init_ray(config)  # attaches first: the draw is read by tasks on the cluster
     with rundir.Lease(config.out, config.run.lease_ttl_s):
         shards = load_plan(config.data, config.out).shards
-        w = config.warmup
-        samples = collect_samples(config, shards, ordinals=draw_rows(shards, w.alpha, w.count, w.seed))
-        return train_warmup(config, samples, rundir.warmup_dir(config.out, 1))
+        return train_warmup(config, collect(config, shards, draw=draw_rows(shards, config.warmup)),
+                            rundir.warmup_dir(config.out, 1))
 
 
 def plan(cfg: RunConfig | dict[str, Any] | str | Path, **overrides: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from .faults import armed, kill_point
 from .progress import Progress
 from .records import RunSummary
 from .rundir import BASE_UNIT, unit_name
+
+if TYPE_CHECKING:
+    from .warmup import SampleSet
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,7 @@ def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) ->
     """{unit: its training rows}, each strategy's pick written as a committed selection under
     compare/selections/ (run as a task: it reads every score row)."""
     from .config import SelectionConfig
-    from .selection import load_scores, select, selected_rows, write_selection
+    from .selection import load_scores, select, write_selection
 
     table = load_scores(scores_dir)
     out: dict[str, dict[str, Any]] = {}
@@ -168,9 +171,8 @@ def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) ->
             paths, stats = write_selection(sel, sel_dir, export="never"), sel.stats
         else:
             paths, stats = commit["paths"], rundir.read_json(commit["paths"]["stats"])
-        rows = selected_rows(paths["scores"])
         out[unit_name(key, seed)] = {"strategy": key, "seed": seed, "budget_unit": budget_unit, "selection": sel_dir,
-                                          "rows": {f: sorted(r) for f, r in rows.items()},
+                                          "scores": paths["scores"],
                                           "n_rows": stats["selected_rows"], "tokens": stats["selected_response_tokens"]}
     return out
 
@@ -231,7 +233,7 @@ def pick_metric(c: CompareConfig, metrics: dict[str, float]) -> tuple[str, float
     return next(iter(metrics.items()))
 
 
-def run_unit(cfg: RunConfig, unit: str, samples: list[Sample] | None, heldout: list[Sample],
+def run_unit(cfg: RunConfig, unit: str, samples: SampleSet | None, heldout: list[Sample],
              info: dict[str, Any]) -> dict[str, Any]:
     """Train (unless `samples` is None: the base model), evaluate, then write the unit's marker."""
     from .models import pin, resolve_model
@@ -244,8 +246,8 @@ def run_unit(cfg: RunConfig, unit: str, samples: list[Sample] | None, heldout: l
     if samples is None:
         model_dir = resolve_model(pin(cfg.model.base))
     else:
-        result = train_warmup(cfg, samples, rundir.unit_model_dir(cfg.out, unit), on_step=step_printer(cfg, f"compare {unit}"),
-                              in_process=True)
+        result = train_warmup(cfg, samples.resolve(), rundir.unit_model_dir(cfg.out, unit),
+                              on_step=step_printer(cfg, f"compare {unit}"), in_process=True)
         train = asdict(result)
         model_dir = resolve_model(result.merged_dir)
     t1 = time.monotonic()
@@ -275,7 +277,7 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     import ray
 
     from .runtime import init_ray, remote_call, training_gpus
-    from .warmup import collect_samples
+    from .warmup import collect
 
     c = cfg.compare
     if c is None:
@@ -312,12 +314,13 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     window = max(1, cfg.ray.max_actors if gpus else int(ray.cluster_resources().get("CPU", 1) // cfg.ray.cpus_per_actor))
 
     def submit(name: str) -> None:
-        """A unit's training rows are collected only when it starts, so the driver holds at most `window` sets."""
-        info = {k: v for k, v in plans.get(name, {"strategy": BASE_UNIT, "seed": None}).items() if k != "rows"}
+        """A unit's training rows are read when it starts, by tasks, into the object store: the driver holds
+        references, never the rows."""
+        info = {k: v for k, v in plans.get(name, {"strategy": BASE_UNIT, "seed": None}).items() if k != "scores"}
         info["devices"] = devices  # what the unit holds, for its cost
         samples = None
         if name != BASE_UNIT:
-            samples = collect_samples(cfg, shards, rows={f: set(r) for f, r in plans[name]["rows"].items()})
+            samples = collect(cfg, shards, selection=plans[name]["scores"])
         ucfg = cfg.model_copy(update={"warmup": train.model_copy(update={"seed": info["seed"] or 0}),
                                       "engine": cfg.engine.model_copy(update={"threads": threads})})
         running[task.remote(ucfg, name, samples, heldout_ref, info)] = name

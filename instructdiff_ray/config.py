@@ -132,6 +132,9 @@ class WarmupConfig(_Strict):
     preset: Literal["lora", "paper"] = Field("lora", description="lora (default) or paper: full fine-tuning, 3 epochs, lr 2e-5")
     alpha: float = Field(0.1, gt=0, lt=1, description="fraction of the corpus drawn for warmup")
     count: int | None = Field(None, ge=1, description="absolute number of warmup samples (overrides alpha)")
+    max_samples: int | None = Field(None, ge=1, description="at most this many training samples in any round (a seeded "
+                                                           "uniform subset): for corpora where alpha x N or a round's "
+                                                           "selection is more than a warmup needs; off by default")
     seed: int = 0
     method: Literal["lora", "full"] = "lora"
     lora_r: int = Field(16, ge=1)

@@ -291,8 +291,7 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> RunSummary:
     from .report import write_run_report
     from .runtime import remote_call
     from .tracking import log_run
-    from .selection import selected_rows
-    from .warmup import collect_samples, draw_rows, train_warmup
+    from .warmup import collect, draw_rows, train_warmup
 
     t0 = time.monotonic()
     log_at = current_log()
@@ -302,7 +301,7 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> RunSummary:
     plan = load_plan(cfg.data, cfg.out)
     shards = plan.shards
     rounds: list[RoundRecord] = []
-    train_rows: dict[str, set[int]] | None = None
+    train_from: tuple[str, int] | None = None  # the last round's selection Parquet and its row count
     for k in range(1, cfg.rounds + 1):
         timings: dict[str, float] = {}
         t = time.monotonic()
@@ -310,12 +309,14 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> RunSummary:
             warm_model, warm_info = cfg.model.warmup, {"given": cfg.model.warmup}
         else:
             if k == 1:
-                ordinals = draw_rows(shards, cfg.warmup.alpha, cfg.warmup.count, cfg.warmup.seed)
-                samples = collect_samples(cfg, shards, ordinals=ordinals)
+                draw = draw_rows(shards, cfg.warmup)
+                samples, drawn = collect(cfg, shards, draw=draw), sum(draw.counts.values())
             else:
-                samples = collect_samples(cfg, shards, rows=train_rows)
+                assert train_from is not None
+                cap = cfg.warmup.max_samples
+                samples, drawn = collect(cfg, shards, selection=train_from[0], cap=cap), min(train_from[1], cfg.warmup.max_samples or train_from[1])
             progress = Progress(f"warmup r{k}", 1, cfg.progress)
-            progress.note(f"training on {len(samples)} samples ({cfg.warmup.method})")
+            progress.note(f"training on {drawn} rows ({cfg.warmup.method})")
             result = train_warmup(cfg, samples, rundir.warmup_dir(cfg.out, k))
             warm_model, warm_info = result.scoring_model, result.__dict__
         timings["warmup_s"] = time.monotonic() - t
@@ -340,7 +341,7 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> RunSummary:
         timings["select_s"] = time.monotonic() - t
         Progress(f"select r{k}", 1, cfg.progress).note(
             f"{stats['selected_rows']} of {stats['rows_scored']} rows selected -> {paths.get('data', 'ids and scores only (records not exported)')}")
-        train_rows = selected_rows(paths["scores"]) if k < cfg.rounds else None
+        train_from = (paths["scores"], stats["selected_rows"])
         rounds.append(RoundRecord(round=k, warmup=warm_info, scoring=summary, selection=SelectionStats.from_dict(stats),
                                   paths=paths, timings=timings))
     result = RunSummary(run_dir=cfg.out, rounds=rounds, wall_seconds=time.monotonic() - t0)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from . import rundir
 from .records import RunSummary
@@ -24,7 +30,124 @@ CAPTIONS = {
 }
 
 
-def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict[str, bytes]:
+SCATTER_POINTS = 5000  # selected rows drawn over the density plot at most (a seeded sample beyond that)
+COLUMNS = {"delta_entropy": 60, "delta_nll": 60, "n_response_tokens": 40}  # histogram bins per column
+GRID = 40  # cells per axis of the ΔNLL x ΔH density
+
+
+@dataclass
+class Distributions:
+    """What the plots show, accumulated file by file (exact counts per bin; a sample of the selected
+    points): memory independent of the number of rows."""
+    edges: dict[str, np.ndarray]  # per column, and "grid_x" / "grid_y" (ΔNLL, ΔH) for the density
+    all: dict[str, np.ndarray]  # counts per bin of every scored (ok) row, and "grid"
+    selected: dict[str, np.ndarray]  # counts per bin of the selected rows
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # source file -> (scored, selected)
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (ΔNLL, ΔH) of selected rows, sampled
+    n_all: int = 0
+    n_selected: int = 0
+
+
+def _ok(table: pa.Table) -> dict[str, np.ndarray]:
+    ok = table.filter(pc.equal(table.column("status").cast(pa.string()), "ok")) if "status" in table.column_names else table
+    out = {c: ok.column(c).to_numpy(zero_copy_only=False).astype(float) for c in COLUMNS}
+    out["source_file"] = ok.column("source_file").cast(pa.string()).to_numpy(zero_copy_only=False)
+    return out
+
+
+def _read(path: str) -> pa.Table:
+    fs, p = rundir.fs_of(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=["status", *COLUMNS, "source_file"], read_dictionary=["status", "source_file"])
+
+
+def _ranges(files: list[str]) -> dict[str, list[float]]:
+    """[min, max] per column over the ok rows of some score files."""
+    out: dict[str, list[float]] = {}
+    for path in files:
+        cols = _ok(_read(path))
+        for c in COLUMNS:
+            v = cols[c][np.isfinite(cols[c])]
+            if len(v):
+                lo, hi = out.get(c, [np.inf, -np.inf])
+                out[c] = [min(lo, float(v.min())), max(hi, float(v.max()))]
+    return out
+
+
+def _histograms(cols: dict[str, np.ndarray], edges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {c: np.histogram(cols[c], bins=edges[c])[0] for c in COLUMNS}
+    both = np.isfinite(cols["delta_nll"]) & np.isfinite(cols["delta_entropy"])
+    out["grid"] = np.histogram2d(cols["delta_nll"][both], cols["delta_entropy"][both],
+                                 bins=[edges["grid_x"], edges["grid_y"]])[0]
+    return out
+
+
+def _counts(files: list[str], edges: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, int], int]:
+    """Counts per bin, rows per source file and the row count over the ok rows of some score files."""
+    total: dict[str, np.ndarray] = {}
+    sources: dict[str, int] = {}
+    n = 0
+    for path in files:
+        cols = _ok(_read(path))
+        for k, v in _histograms(cols, edges).items():
+            total[k] = total.get(k, 0) + v
+        names, counts = np.unique(cols["source_file"], return_counts=True)
+        for name, c in zip(names, counts):
+            sources[str(name)] = sources.get(str(name), 0) + int(c)
+        n += len(cols["source_file"])
+    return total, sources, n
+
+
+def _edges(lo: float, hi: float, bins: int) -> np.ndarray:
+    return np.histogram_bin_edges(np.array([lo, hi]), bins=bins)
+
+
+def distributions(scores_dir: str, selection_parquet: str, group: int = 32) -> Distributions:
+    """Two passes over the score files (ranges, then counts) as tasks over groups of files, then the
+    selection file batch by batch; no pass holds more than one file's columns."""
+    from .runtime import map_tasks
+
+    files = rundir.score_files(scores_dir)
+    groups = [(files[i : i + group],) for i in range(0, len(files), group)]
+    ranges: dict[str, list[float]] = {}
+    for part in map_tasks(_ranges, groups):
+        for c, (lo, hi) in part.items():
+            a, b = ranges.get(c, [np.inf, -np.inf])
+            ranges[c] = [min(a, lo), max(b, hi)]
+    edges = {c: _edges(*ranges.get(c, [0.0, 1.0]), bins) for c, bins in COLUMNS.items()}
+    edges["grid_x"] = _edges(*ranges.get("delta_nll", [0.0, 1.0]), GRID)
+    edges["grid_y"] = _edges(*ranges.get("delta_entropy", [0.0, 1.0]), GRID)
+    dist = Distributions(edges, {}, {})
+    scored: dict[str, int] = {}
+    for counts, sources, n in map_tasks(_counts, [(g[0], edges) for g in groups]):
+        for k, v in counts.items():
+            dist.all[k] = dist.all.get(k, 0) + v
+        for name, c in sources.items():
+            scored[name] = scored.get(name, 0) + c
+        dist.n_all += n
+    fs, p = rundir.fs_of(selection_parquet)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        keep = min(1.0, SCATTER_POINTS / max(pf.metadata.num_rows, 1))
+        rng = np.random.default_rng(0)
+        chosen: dict[str, int] = {}
+        points = []
+        for batch in pf.iter_batches(columns=[*COLUMNS, "source_file"]):
+            cols = _ok(pa.Table.from_batches([batch]))
+            for k, v in _histograms(cols, edges).items():
+                dist.selected[k] = dist.selected.get(k, 0) + v
+            names, counts = np.unique(cols["source_file"], return_counts=True)
+            for name, c in zip(names, counts):
+                chosen[str(name)] = chosen.get(str(name), 0) + int(c)
+            take = rng.random(len(cols["delta_nll"])) < keep
+            points.append(np.column_stack([cols["delta_nll"][take], cols["delta_entropy"][take]]))
+            dist.n_selected += len(cols["delta_nll"])
+    dist.points = np.concatenate(points) if points else np.zeros((0, 2))
+    dist.sources = {name: (scored[name], chosen.get(name, 0)) for name in sorted(scored)}
+    return dist
+
+
+def _plots(dist: Distributions, stats: dict, loss: list[dict] | None) -> dict[str, bytes]:
     """The per-round figures as PNG bytes, keyed by name (CAPTIONS says what each shows)."""
     import io
 
@@ -32,13 +155,10 @@ def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.colors
     import matplotlib.ticker
-    import numpy as np
 
-    ok = scores.filter_ok
-    dh, dnll, T, src = ok["delta_entropy"], ok["delta_nll"], ok["n_response_tokens"], ok["source_file"]
-    sel_ids = set(selection_rows["sample_id"])
-    chosen = np.array([sid in sel_ids for sid in ok["sample_id"]])
+    edges, every, picked = dist.edges, dist.all, dist.selected
     figs: dict[str, bytes] = {}
 
     def save(name: str, fig) -> None:
@@ -48,11 +168,11 @@ def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict
         plt.close(fig)
         figs[name] = buf.getvalue()
 
-    bins = 60
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    if len(dh):
-        ax.hist(dh, bins=bins, color="#b0b7c3", label=f"all scored ({len(dh)})")
-        ax.hist(dh[chosen], bins=np.histogram_bin_edges(dh, bins), color="#d9534f", label=f"selected ({chosen.sum()})")
+    if dist.n_all:
+        ax.stairs(every["delta_entropy"], edges["delta_entropy"], fill=True, color="#b0b7c3", label=f"all scored ({dist.n_all})")
+        ax.stairs(picked["delta_entropy"], edges["delta_entropy"], fill=True, color="#d9534f",
+                  label=f"selected ({dist.n_selected})")
     ax.set_xlabel("ΔH = H_base − H_warmup (nats/token)")
     ax.set_ylabel("rows")
     ax.set_title("ΔH distribution and the selected region")
@@ -60,13 +180,13 @@ def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict
     save("delta_entropy_hist", fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    if len(dnll):
-        ax.hist(dnll, bins=bins, color="#5b8bd9")
+    if dist.n_all:
+        ax.stairs(every["delta_nll"], edges["delta_nll"], fill=True, color="#5b8bd9")
         rng = stats.get("delta_nll_kept_range")
         if rng:
             lo, hi = rng
-            ax.axvspan(np.min(dnll), lo, color="#999", alpha=0.35, label=f"trimmed ({stats['trimmed_per_tail']} per tail)")
-            ax.axvspan(hi, np.max(dnll), color="#999", alpha=0.35)
+            ax.axvspan(edges["delta_nll"][0], lo, color="#999", alpha=0.35, label=f"trimmed ({stats['trimmed_per_tail']} per tail)")
+            ax.axvspan(hi, edges["delta_nll"][-1], color="#999", alpha=0.35)
             ax.legend()
     ax.set_xlabel("ΔNLL = NLL_base − NLL_warmup")
     ax.set_ylabel("rows")
@@ -74,13 +194,17 @@ def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict
     save("delta_nll_hist", fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    if len(dh):
-        cells = ax.hexbin(dnll, dh, gridsize=40, cmap="viridis", mincnt=1, bins="log")  # 1 row: dark, not white
+    if dist.n_all:
+        grid = np.ma.masked_equal(every["grid"].T, 0)  # empty cells white; 1 row: dark, not white
+        cells = ax.pcolormesh(edges["grid_x"], edges["grid_y"], grid, cmap="viridis",
+                              norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(2, grid.max())))
         bar = fig.colorbar(cells, ax=ax, label="rows per cell (log scale)")
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
         bar.ax.yaxis.set_major_formatter(plain)
         bar.ax.yaxis.set_minor_formatter(plain)
-        ax.scatter(dnll[chosen], dh[chosen], s=14, color="#ff4d4d", edgecolors="white", linewidths=0.5, label="selected")
+        label = "selected" if len(dist.points) == dist.n_selected else f"selected (a sample of {len(dist.points)})"
+        ax.scatter(dist.points[:, 0], dist.points[:, 1], s=14, color="#ff4d4d", edgecolors="white", linewidths=0.5,
+                   label=label)
         ax.legend()
     ax.set_xlabel("ΔNLL")
     ax.set_ylabel("ΔH")
@@ -88,22 +212,22 @@ def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict
     save("dh_vs_dnll", fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    if len(T):
-        edges = np.histogram_bin_edges(T, bins=40)
-        ax.hist(T, bins=edges, alpha=0.6, density=True, label="all scored")
-        ax.hist(T[chosen], bins=edges, alpha=0.6, density=True, label="selected")
+    if dist.n_all:
+        e = edges["n_response_tokens"]
+        for counts, label in ((every["n_response_tokens"], "all scored"), (picked["n_response_tokens"], "selected")):
+            ax.stairs(counts / max(counts.sum(), 1) / np.diff(e), e, fill=True, alpha=0.6, label=label)
         ax.legend()
     ax.set_xlabel("response tokens")
     ax.set_ylabel("density")
     ax.set_title("Response length: all vs selected")
     save("response_length", fig)
 
-    names = sorted(set(src))
+    names = list(dist.sources)
     if len(names) > 1:  # one source: nothing to break down
         fig, ax = plt.subplots(figsize=(7, 3.6))
         short = [n.rsplit("/", 1)[-1][:30] for n in names]
-        all_n = [int(np.sum(src == n)) for n in names]
-        sel_n = [int(np.sum((src == n) & chosen)) for n in names]
+        all_n = [dist.sources[n][0] for n in names]
+        sel_n = [dist.sources[n][1] for n in names]
         x = np.arange(len(names))
         ax.bar(x - 0.2, all_n, 0.4, label="scored")
         ax.bar(x + 0.2, sel_n, 0.4, label="selected")
@@ -125,41 +249,20 @@ def _plots(scores, selection_rows, stats: dict, loss: list[dict] | None) -> dict
     return figs
 
 
-class _Scores:
-    """The score columns a report needs, as numpy arrays over ok rows."""
-
-    def __init__(self, table):
-        import numpy as np
-        import pyarrow.compute as pc
-
-        ok = table.filter(pc.equal(table.column("status"), "ok"))
-        self.filter_ok = {c: np.asarray(ok.column(c).to_numpy(zero_copy_only=False)) for c in
-                          ("sample_id", "source_file", "n_response_tokens", "delta_entropy", "delta_nll")}
-        for c in ("delta_entropy", "delta_nll"):
-            self.filter_ok[c] = self.filter_ok[c].astype(float)
-
-
 def write_run_report(run_dir: str) -> dict[str, str]:
     """PNG plots per round, one self-contained index.html and summary.md, under RUN/report/."""
     import base64
     import html
 
-    import pyarrow.parquet as pq
-
-    from .selection import load_scores
-
     summary = RunSummary.from_dict(rundir.read_run_summary(run_dir))
     sections, md = [], [f"# InstructDiff run summary\n\nRun directory: `{run_dir}`  \nWall time: {summary.wall_seconds:.1f} s\n"]
     for rnd in summary.rounds:
         k = rnd.round
-        scores = _Scores(load_scores(rundir.scores_dir(run_dir, k)))
-        fs, sel_path = rundir.fs_of(rnd.paths["scores"])
-        with fs.open(sel_path, "rb") as f:
-            sel = pq.read_table(f, columns=["sample_id"]).to_pydict()
+        dist = distributions(rundir.scores_dir(run_dir, k), rnd.paths["scores"])
         loss_url = rundir.warmup_files(rundir.warmup_dir(run_dir, k))["loss"]
         loss = rundir.read_json(loss_url) if rundir.exists(loss_url) else None
         stats = rnd.selection.to_dict()
-        figs = _plots(scores, sel, stats, loss)
+        figs = _plots(dist, stats, loss)
         imgs = []
         for name, data in figs.items():
             rundir.write_bytes(rundir.report_plot(run_dir, name, k), data)

@@ -14,7 +14,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -277,13 +276,3 @@ def scores_plan(scores_dir: str) -> list[Shard] | None:
     if not rundir.is_scores_dir(scores_dir):
         return None
     return [Shard.from_dict(d) for d in rundir.read_manifest(scores_dir)["plan"]]
-
-
-def selected_rows(selection_parquet: str) -> dict[str, set[int]]:
-    """(file -> rows) of a round's selection: the next round's warmup training set."""
-    with fsspec.open(selection_parquet, "rb") as f:
-        t = pq.read_table(f, columns=["source_file", "source_row"]).to_pydict()
-    out: dict[str, set[int]] = {}
-    for src, row in zip(t["source_file"], t["source_row"]):
-        out.setdefault(src, set()).add(row)
-    return out

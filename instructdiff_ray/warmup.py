@@ -22,10 +22,12 @@ from typing import Any, Callable
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from . import rundir
-from .config import ConfigError, DataConfig, RunConfig
+from .config import ConfigError, DataConfig, RunConfig, WarmupConfig
 from .corpus import Sample, Shard, iter_unit, normalize_rows, read_units, rows_by_shard, samples_digest
 from .runtime import quiet_libraries
 
@@ -50,48 +52,168 @@ class WarmupResult:
         return self.adapter_dir or self.merged_dir
 
 
-def draw_rows(shards: list[Shard], alpha: float, count: int | None, seed: int) -> set[int]:
-    """Seeded draw of ⌊α·N⌋ (or `count`) global row ordinals; warmup rows stay in the pool."""
-    n = sum(s.n_rows for s in shards)
-    k = min(n, count if count is not None else int(math.floor(alpha * n)))
-    return set(np.random.default_rng(seed).choice(n, size=max(k, 1), replace=False).tolist())
+def warmup_size(w: WarmupConfig, n: int) -> int:
+    """How many rows round 1 draws from N: ⌊α·N⌋ or `count`, at most `max_samples`, at least 1."""
+    k = w.count if w.count is not None else int(math.floor(w.alpha * n))
+    return max(1, min(n, k, w.max_samples or n))
+
+
+@dataclass(frozen=True)
+class Draw:
+    """A seeded uniform draw of rows without replacement, kept as how many rows each file gives
+    (a multivariate hypergeometric split of the total: the driver holds O(files), never a set of
+    ordinals); a read task draws its file's positions from (seed, the file's place in the corpus)
+    and keeps its shards' share. Independent of how files are cut into shards."""
+    counts: dict[str, int]  # file -> rows drawn from it
+    sizes: dict[str, int]  # file -> rows it has
+    index: dict[str, int]  # file -> its place in the corpus
+    seed: int
+
+    def file_positions(self, path: str) -> np.ndarray:
+        """The drawn row ordinals of one file, ascending."""
+        rng = np.random.default_rng([self.seed, self.index[path]])
+        return np.sort(rng.choice(self.sizes[path], size=self.counts[path], replace=False))
+
+    def positions(self, shard: Shard, offset: int) -> np.ndarray:
+        """The drawn positions within one shard, whose first row is the file's row ordinal `offset`."""
+        if shard.path not in self.counts:
+            return np.zeros(0, dtype=np.int64)
+        drawn = self.file_positions(shard.path)
+        return drawn[(drawn >= offset) & (drawn < offset + shard.n_rows)] - offset
+
+
+def shard_offsets(shards: list[Shard]) -> dict[int, int]:
+    """shard id -> the ordinal of its first row within its file."""
+    out, seen = {}, {}
+    for s in sorted(shards, key=lambda s: (s.path, s.row_start)):
+        out[s.shard_id] = seen.get(s.path, 0)
+        seen[s.path] = out[s.shard_id] + s.n_rows
+    return out
+
+
+def draw_rows(shards: list[Shard], w: WarmupConfig) -> Draw:
+    """Round 1's warmup rows (warmup_size of them, uniform over the rows); they stay in the pool."""
+    sizes: dict[str, int] = {}
+    for s in shards:
+        sizes[s.path] = sizes.get(s.path, 0) + s.n_rows
+    k = warmup_size(w, sum(sizes.values()))
+    counts = np.random.default_rng(w.seed).multivariate_hypergeometric(np.array(list(sizes.values()), np.int64), k,
+                                                                       method="marginals")
+    drawn = {p: int(c) for p, c in zip(sizes, counts) if c}
+    return Draw(drawn, {p: sizes[p] for p in drawn}, {p: i for i, p in enumerate(sizes) if p in drawn}, w.seed)
+
+
+@dataclass
+class SampleSet:
+    """Training samples left where the read tasks put them (the object store when attached), one
+    part per read unit: the driver holds references, the training worker resolves them."""
+    parts: list[Any]
+
+    def resolve(self) -> list[Sample]:
+        import ray
+
+        parts = [ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in self.parts]
+        return [s for part in parts for s in part]
+
+
+def samples_of(samples: list[Sample] | SampleSet) -> list[Sample]:
+    return samples.resolve() if isinstance(samples, SampleSet) else samples
+
+
+def count_and_digest(samples: list[Sample] | SampleSet) -> tuple[int, str]:
+    """How many samples and their digest (what the warmup fingerprint records); for a SampleSet
+    computed in a task, so the samples never gather on the driver."""
+    from .runtime import remote_call
+
+    if isinstance(samples, SampleSet):
+        return remote_call(_count_and_digest, samples, num_cpus=0)
+    return len(samples), samples_digest(samples)
+
+
+def _count_and_digest(samples: SampleSet) -> tuple[int, str]:
+    rows = samples.resolve()
+    return len(rows), samples_digest(rows)
+
+
+def selection_picks(selection_parquet: str, shards: list[Shard], cap: int | None, seed: int) -> list[dict[int, np.ndarray]]:
+    """The rows of a selection (its source_file / source_row), as source rows per shard, one dict
+    per read unit in plan order; a seeded uniform subset of `cap` rows when it has more."""
+    with fsspec.open(selection_parquet, "rb") as f:
+        t = pq.read_table(f, columns=["source_file", "source_row"])
+    files = t.column("source_file").cast(pa.string()).to_numpy(zero_copy_only=False)
+    rows = t.column("source_row").to_numpy()
+    if cap is not None and len(rows) > cap:
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=cap, replace=False))
+        files, rows = files[keep], rows[keep]
+    by_shard = rows_by_shard(shards, files, rows)
+    return [{s.shard_id: rows[by_shard[s.shard_id]] for s in unit if s.shard_id in by_shard} for unit in read_units(shards)]
+
+
+def collect(cfg: RunConfig, shards: list[Shard], draw: Draw | None = None, selection: str | None = None,
+            cap: int | None = None) -> SampleSet:
+    """The ok samples of a draw, or of a selection's rows (at most `cap` of them, a seeded uniform
+    subset), read by one task per read unit that holds any; on a cluster the samples stay in the
+    object store (the driver holds references and, for a selection, nothing per row: the
+    selection is split by read unit in a task)."""
+    import ray
+
+    from .runtime import map_tasks
+
+    units = read_units(shards)
+    if draw is not None:
+        offsets = shard_offsets(shards)
+        jobs = [(cfg.data, u, {s.shard_id: offsets[s.shard_id] for s in u}, draw)
+                for u in units if any(s.path in draw.counts for s in u)]
+    else:
+        seed = cfg.warmup.seed
+        if ray.is_initialized():
+            task = ray.remote(num_cpus=1, max_retries=1, num_returns=len(units))(selection_picks)
+            refs = task.remote(selection, shards, cap, seed)
+            picks = [refs] if len(units) == 1 else list(refs)
+        else:
+            picks = selection_picks(selection, shards, cap, seed)
+        jobs = [(cfg.data, u, p, None) for u, p in zip(units, picks)]
+    if not ray.is_initialized():
+        return SampleSet(map_tasks(_collect_unit, jobs))
+    remote = ray.remote(num_cpus=1, max_retries=2)(_collect_unit)
+    return SampleSet([remote.remote(*job) for job in jobs])
 
 
 def collect_samples(cfg: RunConfig, shards: list[Shard], ordinals: set[int] | None = None,
-                    rows: dict[str, set[int]] | None = None) -> list[Sample]:
-    """The ok samples at the given global ordinals, or at (file, row) positions. Only the read
-    units that hold a wanted row are read, in parallel (as Ray tasks when attached)."""
+                    draw: Draw | None = None, selection: str | None = None) -> list[Sample]:
+    """The ok samples of a draw, of a selection's rows, or at given global ordinals (a small held-out
+    range), here on the driver."""
+    if ordinals is None:
+        return collect(cfg, shards, draw, selection).resolve()
     from .runtime import map_tasks
 
-    picks: dict[int, list[int]] = {}  # shard id -> wanted positions within the shard
-    if ordinals is not None:
-        wanted, base = np.array(sorted(ordinals), dtype=np.int64), 0
-        for shard in shards:
-            lo, hi = np.searchsorted(wanted, [base, base + shard.n_rows])
-            if hi > lo:
-                picks[shard.shard_id] = (wanted[lo:hi] - base).tolist()
-            base += shard.n_rows
-    else:
-        pairs = [(path, r) for path, rs in (rows or {}).items() for r in rs]
-        files = np.array([f for f, _ in pairs], dtype=object)
-        wanted_rows = np.array([r for _, r in pairs], dtype=np.int64)
-        picks = {sid: wanted_rows[i].tolist() for sid, i in rows_by_shard(shards, files, wanted_rows).items()}
+    picks: dict[int, np.ndarray] = {}  # shard id -> wanted positions within the shard
+    wanted, base = np.array(sorted(ordinals), dtype=np.int64), 0
+    for shard in shards:
+        lo, hi = np.searchsorted(wanted, [base, base + shard.n_rows])
+        if hi > lo:
+            picks[shard.shard_id] = wanted[lo:hi] - base
+        base += shard.n_rows
     units = read_units([s for s in shards if s.shard_id in picks])
-    jobs = [(cfg.data, u, {s.shard_id: picks[s.shard_id] for s in u}, ordinals is not None) for u in units]
+    jobs = [(cfg.data, u, {s.shard_id: picks[s.shard_id] for s in u}, "positions") for u in units]
     return [s for part in map_tasks(_collect_unit, jobs) for s in part]
 
 
-def _collect_unit(data: DataConfig, unit: list[Shard], picks: dict[int, list[int]], by_ordinal: bool) -> list[Sample]:
-    out = []
-    for shard, raw in iter_unit(unit):
-        samples = normalize_rows(shard, raw, data)
-        want = picks[shard.shard_id]
-        if by_ordinal:
-            chosen = [samples[i] for i in want]
+def _collect_unit(data: DataConfig, unit: list[Shard], picks: dict[int, Any], by: Draw | str | None) -> list[Sample]:
+    """One read unit's wanted rows, normalised (only those): positions within each shard (drawn
+    here from `by` when it is a Draw, with each shard's file offset in `picks`; given when
+    "positions"), else source rows."""
+    if isinstance(by, Draw):
+        picks = {s.shard_id: p for s in unit if s.shard_id in picks and len(p := by.positions(s, picks[s.shard_id]))}
+    out: list[Sample] = []
+    wanted = [s for s in unit if s.shard_id in picks]
+    for shard, raw in iter_unit(wanted) if wanted else ():
+        if isinstance(by, Draw) or by == "positions":
+            chosen = [raw[i] for i in picks[shard.shard_id]]
         else:
-            rows = set(want)
-            chosen = [s for s in samples if s.source_row in rows]
-        out += [s for s in chosen if s.status == "ok"]
+            rows = set(np.asarray(picks[shard.shard_id]).tolist())
+            chosen = [r for r in raw if r[0] in rows]
+        out += [s for s in normalize_rows(shard, chosen, data) if s.status == "ok"]
     return out
 
 
@@ -182,7 +304,7 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(cfg.torch_threads())  # Ray sets OMP_NUM_THREADS to the task's CPUs
     base_dir = resolve_model(spec["base"])  # on this node
     tok = load_tokenizer(base_dir)
-    toks = [t for t in tokenize_samples(spec["samples"], cfg.template, tok) if t.status == "ok"]
+    toks = [t for t in tokenize_samples(samples_of(spec["samples"]), cfg.template, tok) if t.status == "ok"]
     if not toks:
         raise ValueError("no warmup sample survived templating (all empty or over max_length)")
     global_batch = w.batch_size * world * w.grad_accum
@@ -259,7 +381,8 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
         core = loss_module.module if hasattr(loss_module, "module") else loss_module
         merged_digest = _save(core.lm, tok, spec["out_dir"], history, lora=w.method == "lora")
     if ray_train:
-        ray.train.report({"step": step, "merged_digest": merged_digest or "", "rank_divergence": divergence})
+        ray.train.report({"step": step, "merged_digest": merged_digest or "", "rank_divergence": divergence,
+                          "samples": len(toks)})
     return {"steps": step, "samples": len(toks), "seconds": time.monotonic() - t0, "merged_digest": merged_digest,
             "global_batch": global_batch, "rank_divergence": divergence,
             "final_loss": history[-1]["loss"] if history else float("nan")}
@@ -289,7 +412,7 @@ def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -
     return merged_digest
 
 
-def warmup_fingerprint(cfg: RunConfig, base: str, samples: list[Sample]) -> dict[str, Any]:
+def warmup_fingerprint(cfg: RunConfig, base: str, rows: tuple[int, str]) -> dict[str, Any]:
     """What decides the warmup weights: base model (pinned spec), settings, template, and the rows trained on."""
     from .models import identity
 
@@ -298,7 +421,7 @@ def warmup_fingerprint(cfg: RunConfig, base: str, samples: list[Sample]) -> dict
         "warmup": cfg.warmup.model_dump(mode="json"),
         "template": cfg.template.model_dump(mode="json"),
         "dtype": cfg.model.dtype,
-        "rows": {"count": len(samples), "sha256": samples_digest(samples)},
+        "rows": {"count": rows[0], "sha256": rows[1]},
     }
 
 
@@ -313,7 +436,7 @@ def check_warmup_size(cfg: RunConfig, n_samples: int) -> None:
             "raise warmup.alpha / warmup.count")
 
 
-def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
+def train_warmup(cfg: RunConfig, samples: list[Sample] | SampleSet, out_dir: str,
                  on_step: Callable[[dict[str, Any]], None] | None = None, in_process: bool = False) -> WarmupResult:
     """Train π_w from the base on `samples` into `out_dir`.
 
@@ -325,8 +448,9 @@ def train_warmup(cfg: RunConfig, samples: list[Sample], out_dir: str,
     from .models import pin
 
     base = pin(cfg.model.base)
-    check_warmup_size(cfg, len(samples))
-    fp = warmup_fingerprint(cfg, base, samples)
+    rows = count_and_digest(samples)
+    check_warmup_size(cfg, rows[0])
+    fp = warmup_fingerprint(cfg, base, rows)
     stage = rundir.Stage("warmup", out_dir)
     changed = stage.open(fp, replace="warmup" in cfg.run.recompute)
     if changed:
@@ -404,6 +528,6 @@ def _train_with_ray(spec: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     with fsspec.open(rundir.warmup_files(spec["out_dir"])["loss"], "r") as f:
         history = json.load(f)  # written by rank 0
     w = cfg.warmup
-    return {"steps": len(history), "samples": len(spec["samples"]), "seconds": history[-1]["seconds"] if history else 0.0,
+    return {"steps": len(history), "samples": metrics.get("samples", 0), "seconds": history[-1]["seconds"] if history else 0.0,
             "final_loss": history[-1]["loss"] if history else float("nan"), "merged_digest": metrics.get("merged_digest"),
             "global_batch": w.batch_size * w.num_workers * w.grad_accum, "rank_divergence": metrics.get("rank_divergence", 0.0)}

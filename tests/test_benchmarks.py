@@ -23,3 +23,10 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape():
         assert [p["pass"] for p in r["passes"]] == ["base", "warmup"]
         assert all(p["tokens_per_s"] > 0 and p["start_s"] >= 0 for p in r["passes"])
     assert "| tiny | vllm | pools | warmup |" in out.stdout
+
+
+def test_warmup_draw_benchmark_runs_small(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_warmup_draw.py"), "--rows", "200000",
+                          "--max-samples", "500", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "read 500 samples" in out.stdout and "two draws identical: True" in out.stdout, out.stdout

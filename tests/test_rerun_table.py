@@ -143,13 +143,12 @@ def fingerprints(cfg: RunConfig, ctx) -> dict[str, str]:
     from instructdiff_ray.compare import load_heldout
     from instructdiff_ray.corpus import load_plan
     from instructdiff_ray.models import pin
-    from instructdiff_ray.warmup import collect_samples, draw_rows, warmup_fingerprint
+    from instructdiff_ray.warmup import collect, count_and_digest, draw_rows, warmup_fingerprint
 
     plan = load_plan(cfg.data, None)
     base = pin(cfg.model.base)
-    samples = collect_samples(cfg, plan.shards, ordinals=draw_rows(plan.shards, cfg.warmup.alpha, cfg.warmup.count,
-                                                                    cfg.warmup.seed))
-    warm = warmup_fingerprint(cfg, base, samples)
+    samples = collect(cfg, plan.shards, draw=draw_rows(plan.shards, cfg.warmup))
+    warm = warmup_fingerprint(cfg, base, count_and_digest(samples))
     # the scores' warmup model: the given one, else the one trained from `warm` (its identity follows it)
     warm_model = cfg.model.warmup or str(ctx["lora"])
     scores = pipeline.fingerprint(cfg, plan, base, warm_model, None)

@@ -25,7 +25,7 @@ def _train(tmp_path, name, tiny_model, gsm8k, **warmup):
     cfg = make_config(tmp_path / name, [gsm8k], tiny_model, data={"limit": 200},
                       warmup={"count": 32, "max_steps": 4, "learning_rate": 1e-3, "lora_dropout": 0.0, **warmup})
     shards = plan_shards(cfg.data)
-    samples = collect_samples(cfg, shards, ordinals=draw_rows(shards, 0.1, 32, 0))
+    samples = collect_samples(cfg, shards, draw=draw_rows(shards, cfg.warmup))
     result = train_warmup(cfg, samples, str(tmp_path / name / "warm"), in_process=warmup.get("num_workers", 1) == 1)
     return result, load_file(tmp_path / name / "warm" / "merged" / "model.safetensors")
 
