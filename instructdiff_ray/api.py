@@ -208,15 +208,19 @@ def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
     return _load(scores_dir, columns)
 
 
-def select(scores: str | pa.Table, out: str | None = None, partial: bool = False, **settings: Any) -> SelectionResult:
+def select(scores: str | pa.Table, out: str | None = None, partial: bool = False, in_memory_rows: int = 20_000_000,
+           **settings: Any) -> SelectionResult:
     """`instructdiff select`: from a scores directory or a table of score rows; `settings` are
     SelectionConfig fields (budget, budget_unit, gamma, strategy, seed, output_format, export).
+    A scores directory of more than `in_memory_rows` rows is selected by the distributed search
+    (Ray: the attached cluster, $RAY_ADDRESS, or a local one), with the same result.
     With `out`, the selection is written there (ids, selection.parquet, stats and, when the
     corpus is reachable, the records); without, it is only returned. A scores directory whose
     scoring has not finished is refused unless `partial`."""
     from .config import check_out, section
     from .selection import check_scores_finished, scores_plan, write_selection
     from .selection import select as _select
+    from .selection_search import select_scores
 
     scfg = section(SelectionConfig, "selection", **settings)
     if out:
@@ -225,8 +229,9 @@ def select(scores: str | pa.Table, out: str | None = None, partial: bool = False
     if isinstance(scores, str):
         check_scores_finished(scores, partial=partial)
         shard_plan = scores_plan(scores)
-        scores = load_scores(scores)
-    sel = _select(scores, scfg)
+        sel = select_scores(scores, scfg, in_memory_rows)
+    else:
+        sel = _select(scores, scfg)
     paths = write_selection(sel, out, scfg.output_format, scfg.export, shard_plan) if out else {}
     return SelectionResult(rows=sel.rows, stats=sel.stats, paths=paths)
 

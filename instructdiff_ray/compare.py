@@ -233,12 +233,12 @@ def pick_metric(c: CompareConfig, metrics: dict[str, float]) -> tuple[str, float
     return next(iter(metrics.items()))
 
 
-def run_unit(cfg: RunConfig, unit: str, samples: SampleSet | None, heldout: list[Sample],
+def run_unit(cfg: RunConfig, unit: str, samples: SampleSet | list[Sample] | None, heldout: list[Sample],
              info: dict[str, Any]) -> dict[str, Any]:
     """Train (unless `samples` is None: the base model), evaluate, then write the unit's marker."""
     from .models import pin, resolve_model
     from .runtime import quiet_libraries
-    from .warmup import step_printer, train_warmup
+    from .warmup import samples_of, step_printer, train_warmup
 
     quiet_libraries(cfg.progress)
     t0 = time.monotonic()
@@ -246,7 +246,7 @@ def run_unit(cfg: RunConfig, unit: str, samples: SampleSet | None, heldout: list
     if samples is None:
         model_dir = resolve_model(pin(cfg.model.base))
     else:
-        result = train_warmup(cfg, samples.resolve(), rundir.unit_model_dir(cfg.out, unit),
+        result = train_warmup(cfg, samples_of(samples), rundir.unit_model_dir(cfg.out, unit),
                               on_step=step_printer(cfg, f"compare {unit}"), in_process=True)
         train = asdict(result)
         model_dir = resolve_model(result.merged_dir)

@@ -111,6 +111,10 @@ class RayConfig(_Strict):
     tokenize_cpus: float = Field(0.25, gt=0, description="CPUs reserved per tokenize/write task")
     max_restarts: int = Field(3, ge=0, description="times a dead scoring actor is restarted")
     max_task_retries: int = Field(3, ge=0, description="times a shard is retried on a restarted actor")
+    select_in_memory_rows: int = Field(
+        20_000_000, ge=0, description="selection reads every score row into one task up to this many rows (the fastest); "
+                                      "above, it is a distributed search over partitions of the rows: the same pick and "
+                                      "stats, bounded memory per task")
     warmup_pool: PoolConfig = Field(default_factory=PoolConfig,
                                     description="engine.placement: pools: the warmup pool (the base pool is min/max_actors)")
 

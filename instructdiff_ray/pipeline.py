@@ -170,10 +170,12 @@ def selection_fingerprint(cfg: RunConfig, summary: ScoreSummary) -> dict[str, An
 
 def select_round(cfg: RunConfig, scores_dir: str, sel_dir: str, shards: list[Shard],
                  fp: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
-    """One round's selection, written and committed (run as a task: it reads every score row)."""
-    from .selection import load_scores, select, write_selection
+    """One round's selection, written and committed (run as a task: it reads every score row, or
+    above ray.select_in_memory_rows, orchestrates the distributed search)."""
+    from .selection import write_selection
+    from .selection_search import select_scores
 
-    sel = select(load_scores(scores_dir), cfg.selection)
+    sel = select_scores(scores_dir, cfg.selection, cfg.ray.select_in_memory_rows)
     return write_selection(sel, sel_dir, cfg.selection.output_format, cfg.selection.export, shards, fp), sel.stats
 
 

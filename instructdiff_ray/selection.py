@@ -23,7 +23,7 @@ from . import rundir
 from .config import SelectionConfig
 from .corpus import Shard
 from .faults import kill_point
-from .strategies import ALONE, STRATEGIES, stable_order
+from .strategies import ALONE, STRATEGIES, Strategy, order, stable_order
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,15 @@ QUANTILES = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
 class Selection:
     rows: pa.Table  # the selected score rows in rank order, with a `rank` column
     stats: dict[str, Any]
-    kept_mask: np.ndarray  # over the scored rows (in sample_id order): survived the NLL filter
-    source: pa.Table  # the score rows the selection was made from
-    scored_idx: np.ndarray  # rows of `source` that were ranked: ok, deduplicated, in sample_id order
+    kept_mask: np.ndarray | None  # over the scored rows (in sample_id order): survived the NLL filter
+    source: pa.Table | None  # the score rows the selection was made from (None: found by the distributed search)
+    scored_idx: np.ndarray | None  # rows of `source` that were ranked: ok, deduplicated, in sample_id order
 
     @property
     def scored(self) -> pa.Table:
         """The ok, deduplicated rows the selection was made from, in sample_id order."""
+        if self.source is None:
+            raise ValueError("a selection found by the distributed search keeps no copy of the scored rows")
         return self.source.take(self.scored_idx)
 
 
@@ -185,10 +187,25 @@ def _columns(table: pa.Table, rows: np.ndarray, strategy: str) -> dict[str, np.n
     st = STRATEGIES[strategy]
     if st.needs_alone and (ALONE not in table.column_names or table.column(ALONE).null_count == table.num_rows):
         raise ValueError(f"strategy {strategy} needs the responses scored alone: score with template.ifd: true")
-    cols = {c: _floats(table, c, rows) for c in ("delta_nll", "delta_entropy", *st.columns)}
+    cols = {c: _floats(table, c, rows) for c in ("delta_nll", "delta_entropy", *st.columns) if c != "sample_id"}
+    if "sample_id" in st.columns:
+        cols["sample_id"] = table.column("sample_id").take(pa.array(rows)).to_numpy(zero_copy_only=False)
     for name, derive in st.derived.items():
         cols[name] = derive(cols)
     return cols
+
+
+def lower_median(values: np.ndarray) -> float:
+    """The value at rank ⌊(m−1)/2⌋ of m values: a value of a row, so both selection paths agree exactly."""
+    return float(np.partition(values, (len(values) - 1) // 2)[(len(values) - 1) // 2]) if len(values) else 0.0
+
+
+def context(strategy: Strategy, cols: dict[str, np.ndarray], keep: np.ndarray, seed: int) -> dict[str, float]:
+    """What a strategy's key needs besides the row: the seed and, for a centred key, the median."""
+    ctx = {"seed": float(seed)}
+    if strategy.center:
+        ctx["center"] = lower_median(cols[strategy.center][keep])
+    return ctx
 
 
 def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
@@ -212,7 +229,8 @@ def select(table: pa.Table, cfg: SelectionConfig) -> Selection:
     total_tokens = int(tokens.sum())
     budget = int(np.floor(cfg.budget * (total_tokens if cfg.budget_unit == "tokens" else n)))
     keep, k = nll_filter(dnll, cfg.gamma) if filtered else (np.ones(n, dtype=bool), 0)
-    chosen = fill_budget(strategy.order(cols, keep, cfg.seed), tokens, budget, cfg.budget_unit)
+    chosen = fill_budget(order(strategy, cols, keep, context(strategy, cols, keep, cfg.seed)), tokens, budget,
+                         cfg.budget_unit)
     picked = table.take(rows[chosen]).append_column("rank", pa.array(np.arange(len(chosen), dtype=np.int64)))
     stats = {
         "strategy": cfg.strategy,

@@ -1,22 +1,25 @@
 """The selection strategies: the one table to extend when adding a strategy.
 
 Each strategy declares the score columns it reads, the scores it derives from them, whether the
-ΔNLL two-tailed trim comes first, and its order: a function of the columns (over the ok rows, in
-sample_id order, so a stable sort breaks ties by sample_id), the trim's keep-mask and the seed,
-returning row indices best first. selection.py fills the budget in that order. A leaf: it imports
-nothing of the package, so config validates names here without the selection machinery.
+ΔNLL two-tailed trim comes first, and its key: one number per row (NaN: not eligible), ranked
+ascending or descending with ties by sample_id. selection.py fills the budget in that order, over
+all rows in one process or, at any N, by a distributed search (selection_search.py): a key per
+row is what lets both give the same rows. A leaf: it imports nothing of the package, so config
+validates names here without the selection machinery.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-Columns = dict[str, np.ndarray]
+Columns = dict[str, Any]  # name -> values over the ranked rows (numpy arrays; sample_id as strings)
 ALONE = "base_nll_alone"  # the response scored without its prompt: scored only with template.ifd
+SIGN = np.uint64(1 << 63)
 
 
 def stable_order(values: np.ndarray, order: str = "ascending") -> np.ndarray:
@@ -24,14 +27,29 @@ def stable_order(values: np.ndarray, order: str = "ascending") -> np.ndarray:
     return np.argsort(values if order == "ascending" else -values, kind="stable")
 
 
+def sortable(values: np.ndarray, descending: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """uint64 keys whose unsigned order is the order of `values` (reversed when descending; -0.0
+    equals 0.0), and which rows are eligible (not NaN). uint64 values (hashes) are keys already."""
+    if values.dtype == np.uint64:
+        keys, ok = values.copy(), np.ones(len(values), dtype=bool)
+    else:
+        v = np.asarray(values, dtype=np.float64) + 0.0  # -0.0 + 0.0 is 0.0
+        ok = ~np.isnan(v)
+        bits = np.where(ok, v, 0.0).view(np.uint64)
+        keys = np.where(bits & SIGN, ~bits, bits | SIGN)
+    return (~keys if descending else keys), ok
+
+
 @dataclass(frozen=True)
 class Strategy:
     description: str
-    order: Callable[[Columns, np.ndarray, int], np.ndarray]  # (columns, keep-mask of the trim, seed) -> rows
+    key: Callable[[Columns, dict[str, float]], np.ndarray]  # (columns, context) -> a key per row, NaN: not eligible
+    descending: bool = False
     columns: tuple[str, ...] = ()  # score columns read besides delta_nll and delta_entropy
     derived: dict[str, Callable[[Columns], np.ndarray]] = field(default_factory=dict)  # scores made from columns
     trim: bool = False  # the ΔNLL two-tailed trim first (needs ΔNLL and ΔH on every ok row)
     threshold: bool = False  # stats report the ΔH of the last row taken
+    center: str | None = None  # the key needs this column's lower median over the kept rows (context["center"])
 
     @property
     def needs_alone(self) -> bool:
@@ -39,26 +57,21 @@ class Strategy:
         return ALONE in self.columns
 
 
-def _by_dh(direction: str) -> Callable[[Columns, np.ndarray, int], np.ndarray]:
-    def order(cols: Columns, keep: np.ndarray, seed: int) -> np.ndarray:
-        kept = np.flatnonzero(keep)
-        return kept[stable_order(cols["delta_entropy"][kept], direction)]
-    return order
+def _column(name: str) -> Callable[[Columns, dict[str, float]], np.ndarray]:
+    return lambda cols, ctx: cols[name]
 
 
-def _middle_dh(cols: Columns, keep: np.ndarray, seed: int) -> np.ndarray:
-    kept = np.flatnonzero(keep)
-    rank = stable_order(cols["delta_entropy"][kept])
-    mid = (len(rank) - 1) / 2
-    return kept[rank[np.argsort(np.abs(np.arange(len(rank)) - mid), kind="stable")]]
+def _near_center(cols: Columns, ctx: dict[str, float]) -> np.ndarray:
+    """Distance of ΔH from the kept rows' (lower) median ΔH: the window around the median first."""
+    return np.abs(cols["delta_entropy"] - ctx["center"])
 
 
-def _by(column: str, direction: str) -> Callable[[Columns, np.ndarray, int], np.ndarray]:
-    return lambda cols, keep, seed: stable_order(cols[column], direction)
+def _hashed(cols: Columns, ctx: dict[str, float]) -> np.ndarray:
+    """A seeded hash of each sample_id: a uniformly random order that does not depend on N."""
+    import pandas as pd
 
-
-def _random(cols: Columns, keep: np.ndarray, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(len(keep))
+    salt = hashlib.sha256(str(int(ctx["seed"])).encode()).hexdigest()[:16]
+    return pd.util.hash_array(np.asarray(cols["sample_id"], dtype=object), hash_key=salt, categorize=False)
 
 
 def _ifd(ratio: str) -> Callable[[Columns], np.ndarray]:
@@ -70,32 +83,42 @@ def _ifd(ratio: str) -> Callable[[Columns], np.ndarray]:
     return ifd
 
 
-def _highest_ifd(cols: Columns, keep: np.ndarray, seed: int) -> np.ndarray:
-    """Highest IFD first; IFD >= 1 (the prompt does not help) and unscored rows dropped."""
-    valid = np.flatnonzero(np.isfinite(cols["ifd"]) & (cols["ifd"] < 1))
-    return valid[stable_order(cols["ifd"][valid], "descending")]
+def _valid_ifd(cols: Columns, ctx: dict[str, float]) -> np.ndarray:
+    """IFD where it is finite and below 1 (the prompt helps), else NaN (not eligible)."""
+    ifd = cols["ifd"]
+    return np.where(np.isfinite(ifd) & (ifd < 1), ifd, np.nan)
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "instructdiff": Strategy("NLL two-tailed filter, then lowest signed ΔH first (the method)", _by_dh("ascending"),
+    "instructdiff": Strategy("NLL two-tailed filter, then lowest signed ΔH first (the method)", _column("delta_entropy"),
                              trim=True, threshold=True),
-    "middle_dh": Strategy("NLL filter, then the ΔH window around the median", _middle_dh, trim=True),
-    "highest_dh": Strategy("NLL filter, then highest ΔH first", _by_dh("descending"), trim=True),
-    "random": Strategy("uniform random rows (seeded), no filter", _random),
-    "ppl_min": Strategy("lowest base-model perplexity first, no filter", _by("base_nll", "ascending"), ("base_nll",)),
-    "ppl_max": Strategy("highest base-model perplexity first, no filter", _by("base_nll", "descending"), ("base_nll",)),
-    "entropy_min": Strategy("lowest base-model entropy first, no filter", _by("base_entropy", "ascending"),
-                            ("base_entropy",)),
-    "entropy_max": Strategy("highest base-model entropy first, no filter", _by("base_entropy", "descending"),
-                            ("base_entropy",)),
-    "longest": Strategy("most response tokens first (the length baseline), no filter",
-                        _by("n_response_tokens", "descending")),
+    "middle_dh": Strategy("NLL filter, then ΔH nearest the kept rows' median ΔH first", _near_center, trim=True,
+                          center="delta_entropy"),
+    "highest_dh": Strategy("NLL filter, then highest ΔH first", _column("delta_entropy"), descending=True, trim=True),
+    "random": Strategy("uniform random rows (a seeded hash of sample_id), no filter", _hashed, columns=("sample_id",)),
+    "ppl_min": Strategy("lowest base-model perplexity first, no filter", _column("base_nll"), columns=("base_nll",)),
+    "ppl_max": Strategy("highest base-model perplexity first, no filter", _column("base_nll"), descending=True,
+                        columns=("base_nll",)),
+    "entropy_min": Strategy("lowest base-model entropy first, no filter", _column("base_entropy"),
+                            columns=("base_entropy",)),
+    "entropy_max": Strategy("highest base-model entropy first, no filter", _column("base_entropy"), descending=True,
+                            columns=("base_entropy",)),
+    "longest": Strategy("most response tokens first (the length baseline), no filter", _column("n_response_tokens"),
+                        descending=True),
     "ifd_loss": Strategy("highest IFD = NLL(response | prompt) / NLL(response alone) first, IFD >= 1 dropped "
-                         "(Cherry-LLM, Data-Juicer); needs template.ifd", _highest_ifd, ("base_nll", ALONE),
-                         {"ifd": _ifd("loss")}),
+                         "(Cherry-LLM, Data-Juicer); needs template.ifd", _valid_ifd, descending=True,
+                         columns=("base_nll", ALONE), derived={"ifd": _ifd("loss")}),
     "ifd_ppl": Strategy("highest IFD = PPL(response | prompt) / PPL(response alone) first, IFD >= 1 dropped "
-                        "(Superfiltering); needs template.ifd", _highest_ifd, ("base_nll", ALONE), {"ifd": _ifd("ppl")}),
+                        "(Superfiltering); needs template.ifd", _valid_ifd, descending=True,
+                        columns=("base_nll", ALONE), derived={"ifd": _ifd("ppl")}),
 }
+
+
+def order(strategy: Strategy, cols: Columns, keep: np.ndarray, ctx: dict[str, float]) -> np.ndarray:
+    """The rows (in sample_id order) a strategy ranks, best first: kept, eligible, by key, ties by sample_id."""
+    keys, ok = sortable(strategy.key(cols, ctx), strategy.descending)
+    rows = np.flatnonzero(keep & ok)
+    return rows[np.argsort(keys[rows], kind="stable")]
 
 
 def check_strategy(name: str, extra: tuple[str, ...] = ()) -> str:

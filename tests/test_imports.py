@@ -17,7 +17,7 @@ LAYERS = [
     ["runtime", "progress", "readers", "readers.base", "readers.io", "readers.jsonl", "readers.tables",
      "readers.parquet", "readers.arrow"],
     ["corpus", "template", "engines.base", "engines.memory", "engines.hf", "engines.vllm", "engines.vllm_model"],
-    ["export", "selection", "scoring", "warmup", "evaluate"],  # stages
+    ["export", "selection", "selection_search", "scoring", "warmup", "evaluate"],  # stages
     ["report", "tracking"],
     ["compare"],
     ["preflight", "pipeline"],  # the job

@@ -1,0 +1,97 @@
+"""The distributed selection search gives the in-memory selection's rows, in its order, with its
+stats: every strategy, both budget units, duplicates across files, rows not ok, heavy ties (which
+the search resolves down to the sample_ids' bytes), and a 1M-row corpus with ties."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from instructdiff_ray.config import SelectionConfig
+from instructdiff_ray.selection import load_scores, select
+from instructdiff_ray.selection_search import search_select
+from instructdiff_ray.strategies import STRATEGIES
+
+
+def write_scores(root, n, files, seed=0, decimals=1, prefix="sample-"):
+    """Score files as scoring writes them; values rounded to `decimals` so ties are everywhere, and
+    ids drawn from 90% of n so some repeat (across and within files)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    m = n // files
+    for f in range(files):
+        ids = pa.compute.binary_join_element_wise(prefix, pa.compute.cast(pa.array(rng.integers(0, int(n * 0.9), m)),
+                                                                          pa.string()), "")
+        status = np.where(rng.random(m) < 0.03, "too_long", "ok")
+
+        def r(v):
+            return np.round(v, decimals) if decimals is not None else v
+
+        pq.write_table(pa.table({
+            "sample_id": ids, "source_file": ["c.jsonl"] * m, "source_row": np.arange(m) + f * m,
+            "n_response_tokens": rng.integers(1, 50, m).astype(np.int32),
+            "base_nll": r(rng.normal(1.5, .5, m)), "base_entropy": r(rng.normal(2, .5, m)),
+            "base_nll_alone": r(rng.normal(1.6, .5, m)), "delta_nll": r(rng.normal(.5, .4, m)),
+            "delta_entropy": r(rng.normal(-.1, .2, m)), "status": status}), root / f"shard-{f:05d}.parquet")
+    return root
+
+
+def same(a, b):
+    stats = dict(b.stats)
+    assert stats.pop("search")["partitions"] > 1
+    assert b.rows.column("sample_id").to_pylist() == a.rows.column("sample_id").to_pylist()
+    assert b.rows.column("rank").to_pylist() == a.rows.column("rank").to_pylist()
+    assert stats == a.stats
+    assert b.rows.drop_columns(["rank"]).to_pylist() == a.rows.drop_columns(["rank"]).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def ties(tmp_path_factory):
+    root = write_scores(tmp_path_factory.mktemp("ties") / "scores", 12_000, 5)
+    return root, load_scores(str(root))
+
+
+@pytest.mark.parametrize("unit", ["tokens", "samples"])
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_gives_the_in_memory_pick(strategy, unit, ties, ray_local):
+    root, table = ties
+    cfg = SelectionConfig(strategy=strategy, budget_unit=unit, seed=3)
+    same(select(table, cfg), search_select(str(root), cfg, partition_rows=2500, fetch_rows=40))
+
+
+def test_edges_budget_zero_no_trim_and_all_ties(tmp_path, ray_local):
+    root = write_scores(tmp_path / "scores", 3000, 3, decimals=0)  # ΔNLL and ΔH take a handful of values
+    table = load_scores(str(root))
+    for cfg in (SelectionConfig(budget=1e-9), SelectionConfig(budget=1e-9, budget_unit="samples"),
+                SelectionConfig(gamma=0.49), SelectionConfig(gamma=0.0), SelectionConfig(budget=1.0), SelectionConfig(budget=1.0, budget_unit="samples")):
+        same(select(table, cfg), search_select(str(root), cfg, partition_rows=700, fetch_rows=5))
+    one_value = tmp_path / "flat"
+    write_scores(one_value, 3000, 3, decimals=None)
+    for f in one_value.glob("*.parquet"):  # every row the same ΔNLL and ΔH: only the sample_ids order them
+        t = pq.read_table(f)
+        t = t.set_column(t.schema.get_field_index("delta_nll"), "delta_nll", pa.array(np.full(t.num_rows, 0.25)))
+        t = t.set_column(t.schema.get_field_index("delta_entropy"), "delta_entropy", pa.array(np.full(t.num_rows, -0.5)))
+        pq.write_table(t, f)
+    same(select(load_scores(str(one_value)), SelectionConfig()),
+         search_select(str(one_value), SelectionConfig(), partition_rows=700, fetch_rows=5))
+
+
+def test_a_million_rows_with_ties(tmp_path, ray_local):
+    root = write_scores(tmp_path / "scores", 1_000_000, 10, seed=1, decimals=2, prefix="gsm8k/train/row-")
+    table = load_scores(str(root))
+    cfg = SelectionConfig()
+    a = select(table, cfg)
+    b = search_select(str(root), cfg, partition_rows=250_000, fetch_rows=20_000)
+    assert a.stats["duplicates_dropped"] > 10_000 and a.stats["selected_rows"] > 50_000
+    same(a, b)
+
+
+def test_api_select_above_the_in_memory_limit_writes_the_same_selection(ties, tmp_path, ray_local):
+    from instructdiff_ray import api
+
+    root, _ = ties
+    small = api.select(str(root), out=str(tmp_path / "memory"), export="never")
+    large = api.select(str(root), out=str(tmp_path / "search"), export="never", in_memory_rows=0)
+    assert large.stats.pop("search")["rounds"] > 0
+    assert (tmp_path / "memory" / "selected_ids.txt").read_text() == (tmp_path / "search" / "selected_ids.txt").read_text()
+    assert small.stats == large.stats
