@@ -2,7 +2,7 @@
 stats), found by a distributed search, so that no process holds every score row.
 
 1. Partition. Tasks read groups of score files and split their ok rows by a hash of sample_id
-   into P partitions of about `partition_rows` rows; one task per partition puts its pieces in
+   into P partitions of about `partition_rows` rows (each split task reads about `split_rows`); one task per partition puts its pieces in
    file order and keeps the first row of each sample_id (as the in-memory path does). Partitions
    stay in Ray's object store; this process holds references.
 2. Search. Every cut the method needs (the ⌊γ·n⌋-th row from each end of the ΔNLL order, the
@@ -372,17 +372,31 @@ def _size(part: Partition) -> tuple[int, int]:
     return len(part.tokens), part.duplicates
 
 
-def _row_count(files: list[str]) -> int:
-    total = 0
+def _row_counts(files: list[str]) -> list[int]:
+    """Rows per score file, from the Parquet footers."""
+    out = []
     for path in files:
         fs, p = rundir.fs_of(path)
         with fs.open(p, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
+            out.append(pq.ParquetFile(f).metadata.num_rows)
+    return out
 
 
-def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 4_000_000, fetch_rows: int = 200_000,
-                  files_per_task: int = 64):
+def _groups(files: list[str], rows: list[int], most: int) -> list[list[str]]:
+    """Consecutive files, at most `most` rows a group (a larger file alone)."""
+    groups: list[list[str]] = [[]]
+    held = 0
+    for path, n in zip(files, rows):
+        if groups[-1] and held + n > most:
+            groups.append([])
+            held = 0
+        groups[-1].append(path)
+        held += n
+    return groups
+
+
+def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2_500_000, fetch_rows: int = 200_000,
+                  split_rows: int = 1_000_000):
     """What `select(load_scores(scores_dir), cfg)` returns (its rows and stats), by the distributed
     search; Ray must be attached."""
     import ray
@@ -393,9 +407,10 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 4
     files = rundir.score_files(scores_dir)
     if not files:
         raise FileNotFoundError(f"no score files (*.parquet) in {scores_dir}")
-    groups = [files[i : i + files_per_task] for i in range(0, len(files), files_per_task)]
-    rows_hint = sum(ray.get([ray.remote(num_cpus=0.25)(_row_count).remote(g) for g in groups]))
-    n_parts = max(1, -(-rows_hint // partition_rows))
+    listing = [files[i : i + 256] for i in range(0, len(files), 256)]
+    rows = [n for part in ray.get([ray.remote(num_cpus=0.25)(_row_counts).remote(g) for g in listing]) for n in part]
+    groups = _groups(files, rows, split_rows)  # each split task reads about split_rows rows
+    n_parts = max(1, -(-sum(rows) // partition_rows))
     split = ray.remote(num_cpus=1, max_retries=2, num_returns=n_parts + 1)(_split)
     pieces = [split.remote(g, n_parts) for g in groups]
     info = ray.get([p[-1] for p in pieces])
@@ -482,7 +497,7 @@ def select_scores(scores_dir: str, cfg: SelectionConfig, in_memory_rows: int):
 
     files = rundir.score_files(scores_dir)
     groups = [(files[i : i + 256],) for i in range(0, len(files), 256)]
-    rows = sum(map_tasks(_row_count, groups, num_cpus=0.25))
+    rows = sum(n for part in map_tasks(_row_counts, groups, num_cpus=0.25) for n in part)
     if rows <= in_memory_rows:
         return select(load_scores(scores_dir), cfg)
     if not ray.is_initialized():
