@@ -31,12 +31,12 @@ import pyarrow.parquet as pq
 
 from . import rundir
 from .config import SelectionConfig
+from .selection import QUANTILES
 from .strategies import ALONE, STRATEGIES, SIGN, sortable
 
 log = logging.getLogger(__name__)
 
 BINS = 4096
-QUANTILES = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
 U64 = np.uint64
 
 
