@@ -233,6 +233,13 @@ def pick_metric(c: CompareConfig, metrics: dict[str, float]) -> tuple[str, float
     return next(iter(metrics.items()))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: a unit's own, as each unit runs in a fresh worker (max_calls=1)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_unit(cfg: RunConfig, unit: str, samples: SampleSet | list[Sample] | None, heldout: list[Sample],
              info: dict[str, Any]) -> dict[str, Any]:
     """Train (unless `samples` is None: the base model), evaluate, then write the unit's marker."""
@@ -264,7 +271,8 @@ def run_unit(cfg: RunConfig, unit: str, samples: SampleSet | list[Sample] | None
         exact = exact_match_eval(cfg, model_dir, heldout)
     t2 = time.monotonic()
     out = {"unit": unit, **info, "train": train, "heldout": evaluation, "user_metric": metric, "exact_match": exact,
-           "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "cpus": cfg.ray.cpus_per_actor, "finished_at": time.time()}
+           "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "cpus": cfg.ray.cpus_per_actor, "finished_at": time.time(),
+           "peak_rss_mb": peak_rss_mb()}
     if armed("compare.before_unit_marker") == unit:
         kill_point("compare.before_unit_marker")
     rundir.write_unit_result(cfg.out, unit, out)
@@ -305,7 +313,8 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     threads = cfg.engine.threads or max(1, int(cfg.ray.cpus_per_actor))
     gpus = training_gpus(cfg)  # asks the cluster: once
     devices = float(gpus) or cfg.ray.cpus_per_actor  # what one unit holds, for its cost
-    task = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpus, max_retries=1)(run_unit)
+    # max_calls=1: a fresh worker per unit, so nothing one unit held stays in the next and peak_rss_mb is its own
+    task = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpus, max_retries=1, max_calls=1)(run_unit)
     heldout_ref = ray.put(heldout)
     running: dict[Any, str] = {}
     queue = list(pending)
@@ -403,6 +412,7 @@ def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int,
                "metric_mean": m_mean, "metric_std": m_std, "metric_ci": [m_lo, m_hi] if m_lo is not None else None,
                "exact_match_mean": em_mean, "exact_match_ci": [em_lo, em_hi] if em_lo is not None else None,
                "train_seconds": float(np.mean([u["train_seconds"] for u in us])),
+               "peak_rss_mb": max((u.get("peak_rss_mb") or 0.0 for u in us), default=0.0) or None,
                # device-minutes: GPUs held on a GPU cluster, else CPUs (units before `devices` was recorded: CPUs)
                "cpu_minutes": float(sum((u["train_seconds"] + u["eval_seconds"]) * u.get("devices", u["cpus"]) for u in us) / 60)}
         # paired with random at the same budget unit and seed (full, at every row: with random at the run's unit)

@@ -450,7 +450,7 @@ def comparison_markdown(table: dict[str, Any]) -> str:
     exact = table.get("exact_match_rows")
     if exact:
         head.append(f"exact match on {exact} rows: mean [95% CI]")
-    head.append("device-min")
+    head += ["peak RSS (GB)", "device-min"]
     lines = [f"Held-out: {table['heldout_rows']} rows; budget β = {b['budget']} of {b['budget_unit']}, γ = {b['gamma']}; "
              f"training: {table['train']['method']}, {table['train']['epochs']} epoch(s), lr {table['train']['learning_rate']}; "
              f"lower NLL is better; total {table['cpu_minutes']:.1f} device-minutes (GPUs held, or CPUs on CPU machines). Intervals: t over seeds; Δ: bootstrap "
@@ -487,7 +487,7 @@ def comparison_markdown(table: dict[str, Any]) -> str:
             cells.append(ci(r["metric_mean"], r.get("metric_ci")))
         if exact:
             cells.append(ci(r.get("exact_match_mean"), r.get("exact_match_ci"), 3))
-        cells.append(f"{r['cpu_minutes']:.1f}")
+        cells += ["-" if not r.get("peak_rss_mb") else f"{r['peak_rss_mb'] / 1024:.2f}", f"{r['cpu_minutes']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -55,6 +55,7 @@ def test_every_strategy_trained_and_measured_exactly(compared):
         assert unit["user_metric"]["name"] == "nll64" and unit["user_metric"]["all"]["rows"] == 10
         assert abs(unit["user_metric"]["value"] - unit["heldout"]["nll"]) < 1e-4, name
         assert unit["heldout"]["rows"] == 10 and unit["heldout"]["rows_failed"] == 0
+        assert unit["peak_rss_mb"] > 100  # the unit's own worker: torch and the model at least
         if name != "base":
             assert unit["train"]["samples"] == unit["n_rows"] > 0 and unit["train"]["steps"] >= 1
             assert abs(unit["heldout"]["nll"] - table["units"]["base"]["heldout"]["nll"]) > 1e-6  # it trained
@@ -79,6 +80,7 @@ def test_table_in_summary_report_and_run_summary(compared):
     summary = (run / "report" / "summary.md").read_text()
     assert "## Comparison" in summary and "nll64" in summary and "| full |" in summary
     assert "Cost in device-minutes: selecting (warmup and scoring)" in summary and "paired 95% CI" in summary
+    assert "| peak RSS (GB) | device-min |" in summary
     page = (run / "report" / "index.html").read_text()
     assert "Comparison" in page and 'data-name="comparison.png"' in page and "<table" in page
     assert (run / "report" / "comparison.png").stat().st_size > 1000
