@@ -7,7 +7,8 @@ everywhere), then runs each mode in a fresh subprocess:
   - memory: `select(load_scores(dir))`, the whole table in one process (its peak RSS);
   - search: `search_select(dir)` on a fresh local Ray (2 CPUs): the driver's peak RSS, and the
     largest resident and private (USS) memory any Ray worker reached, sampled every 0.5 s.
-Each prints the digest of its selected ids in rank order; equal digests are the same pick.
+Each then writes the selection as a run does (selected_ids.txt and selection.parquet; no export) and
+prints the digest of the ids file: equal digests are the same pick in the same order.
 
     python benchmarks/bench_selection.py --rows 10000000 --modes memory search
     python benchmarks/bench_selection.py --rows 100000000 --modes search --repeats 1 --dir /work
@@ -65,11 +66,11 @@ def write_scores(out: Path, rows: int, seed: int = 0) -> None:
         pq.write_table(t, out / f"shard-{s:08d}.parquet")
 
 
-def _digest(table: pa.Table) -> str:
+def _digest(path: str) -> str:
     h = hashlib.sha256()
-    for chunk in table.column("sample_id").chunks:
-        h.update("\n".join(chunk.to_pylist()).encode())
-        h.update(b"\n")
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -91,6 +92,7 @@ def _watch_workers(peak: dict, stop: threading.Event) -> None:
 
 def child(mode: str, scores: str) -> None:
     from instructdiff_ray.config import SelectionConfig
+    from instructdiff_ray.selection import write_selection
 
     cfg = SelectionConfig()
     t0 = time.perf_counter()
@@ -110,12 +112,17 @@ def child(mode: str, scores: str) -> None:
         watcher = threading.Thread(target=_watch_workers, args=(peak, stop), daemon=True)
         watcher.start()
         sel = search_select(scores, cfg)
+        out["search_s"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(dir=Path(scores).parent) as written:
+        paths = write_selection(sel, written, export="never")
+        digest = _digest(paths["ids"])
+    if mode == "search":
         stop.set()
         watcher.join()
         out |= {"worker_peak_rss_gb": peak.get("rss", 0) / 2**30, "worker_peak_uss_gb": peak.get("uss", 0) / 2**30,
                 "partitions": sel.stats["search"]["partitions"], "rounds": sel.stats["search"]["rounds"]}
     out |= {"total_s": time.perf_counter() - t0, "rows": sel.stats["rows_total"], "selected": sel.stats["selected_rows"],
-            "driver_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "ids_sha256": _digest(sel.rows)}
+            "driver_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "ids_sha256": digest}
     print(json.dumps(out))
 
 
@@ -146,7 +153,7 @@ def main() -> None:
             digests[mode] = {r["ids_sha256"] for r in runs}
             extra = (f", largest worker {med['worker_peak_rss_gb']:.2f} GB resident / {med['worker_peak_uss_gb']:.2f} GB "
                      f"private, {med['partitions']} partitions, {med['rounds']} rounds" if mode == "search" else "")
-            print(f"{mode}: median of {len(runs)}: {med['rows']:,} rows in {med['total_s']:.1f} s "
+            print(f"{mode}: median of {len(runs)}: {med['rows']:,} rows selected and written in {med['total_s']:.1f} s "
                   f"(spread {statistics.pstdev([r['total_s'] for r in runs]):.1f} s), driver peak {med['driver_peak_rss_gb']:.2f} GB"
                   f"{extra}, {med['selected']:,} selected", flush=True)
         if len(digests) == 2:

@@ -34,7 +34,9 @@ __all__ = ["RunConfig", "RunResult", "RoundResult", "ScoreResult", "SelectionRes
 class SelectionResult:
     """A written (or in-memory) selection."""
 
-    rows: pa.Table  # the selected score rows in rank order, with `rank`
+    # the selected score rows in rank order, with `rank`; None when the distributed search wrote them to `out`
+    # (read paths["scores"] in batches: they are not gathered in this process)
+    rows: pa.Table | None
     stats: dict[str, Any]
     paths: dict[str, str] = field(default_factory=dict)  # ids, scores, stats, data (absent when not exported)
 
@@ -213,7 +215,8 @@ def select(scores: str | pa.Table, out: str | None = None, partial: bool = False
     """`instructdiff select`: from a scores directory or a table of score rows; `settings` are
     SelectionConfig fields (budget, budget_unit, gamma, strategy, seed, output_format, export).
     A scores directory of more than `in_memory_rows` rows is selected by the distributed search
-    (Ray: the attached cluster, $RAY_ADDRESS, or a local one), with the same result.
+    (Ray: the attached cluster, $RAY_ADDRESS, or a local one), with the same result; with `out` its
+    rows are written range by range and not returned (`rows` is None: read paths["scores"]).
     With `out`, the selection is written there (ids, selection.parquet, stats and, when the
     corpus is reachable, the records); without, it is only returned. A scores directory whose
     scoring has not finished is refused unless `partial`."""
@@ -233,7 +236,7 @@ def select(scores: str | pa.Table, out: str | None = None, partial: bool = False
     else:
         sel = _select(scores, scfg)
     paths = write_selection(sel, out, scfg.output_format, scfg.export, shard_plan) if out else {}
-    return SelectionResult(rows=sel.rows, stats=sel.stats, paths=paths)
+    return SelectionResult(rows=sel.rows if out else sel.table(), stats=sel.stats, paths=paths)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ every fill a cumsum. No Python loop over rows and no copy of the table but the s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,11 +35,14 @@ QUANTILES = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
 
 @dataclass
 class Selection:
-    rows: pa.Table  # the selected score rows in rank order, with a `rank` column
+    rows: pa.Table | None  # the selected score rows in rank order, with a `rank` column (None: held as `parts`)
     stats: dict[str, Any]
     kept_mask: np.ndarray | None  # over the scored rows (in sample_id order): survived the NLL filter
     source: pa.Table | None  # the score rows the selection was made from (None: found by the distributed search)
     scored_idx: np.ndarray | None  # rows of `source` that were ranked: ok, deduplicated, in sample_id order
+    parts: list[Any] = field(default_factory=list)  # the search's object refs of consecutive rank ranges
+    schema: pa.Schema | None = None  # of every part (the parts' schemas unified)
+    sources: list[str] | None = None  # the source files of the selected rows, when held as parts
 
     @property
     def scored(self) -> pa.Table:
@@ -46,6 +50,39 @@ class Selection:
         if self.source is None:
             raise ValueError("a selection found by the distributed search keeps no copy of the scored rows")
         return self.source.take(self.scored_idx)
+
+    def batches(self) -> Iterator[pa.Table]:
+        """The selected rows in rank order, one rank range at a time: a selection found by the search
+        is never held whole by the process that writes it."""
+        if self.rows is not None:
+            yield self.rows
+            return
+        import ray
+
+        for ref in self.parts:
+            yield conform(ray.get(ref), self.schema)
+
+    def table(self) -> pa.Table:
+        """Every selected row in one table (gathered from the parts when held as parts)."""
+        return self.rows if self.rows is not None else pa.concat_tables(list(self.batches()))
+
+    def columns(self, names: list[str]) -> pa.Table:
+        """Some columns of every selected row, in rank order."""
+        return pa.concat_tables([t.select(names) for t in self.batches()])
+
+    def source_files(self) -> list[str]:
+        if self.sources is not None:
+            return self.sources
+        return sorted(set(self.rows.column("source_file").cast(pa.string()).to_pylist()))
+
+
+def conform(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
+    """`table` with exactly `schema`'s columns and types (a column a part lacks is null)."""
+    if schema is None or table.schema.equals(schema):
+        return table
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def check_scores_finished(scores_dir: str, partial: bool = False) -> None:
@@ -262,7 +299,7 @@ def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", e
     from .export import SourceMissing, export_selection, missing_sources
     from .export import output_format as choose_format
 
-    sources = sorted(set(sel.rows.column("source_file").cast(pa.string()).to_pylist()))
+    sources = sel.source_files()
     missing = missing_sources(sources) if export != "never" else []
     if missing and export == "always":
         raise SourceMissing(f"cannot export the selected records: {len(missing)} source files are not reachable "
@@ -272,8 +309,7 @@ def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", e
     if previous and previous.get("paths", {}).get("data"):  # records of another format must not linger beside the new ones
         rundir.clear_dir(previous["paths"]["data"])
     paths = rundir.selection_paths(out_dir)
-    rundir.write_bytes(paths["ids"], "".join(f"{sid}\n" for sid in sel.rows.column("sample_id").to_pylist()).encode())
-    rundir.write_parquet(paths["scores"], sel.rows)
+    _write_rows(sel, paths)
     rundir.write_json(paths["stats"], sel.stats, indent=2)
     kill_point("selection.between_files")
     if export == "never":
@@ -283,9 +319,21 @@ def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", e
                     "selection.parquet and stats, not the records (run `select` where the corpus is, or --export always)",
                     len(missing), missing[0])
     else:
-        paths["data"], _ = export_selection(sel.rows, plan, out_dir, choose_format(sources, output_format))
+        paths["data"], _ = export_selection(sel.columns(["source_file", "source_row", "rank"]), plan, out_dir, choose_format(sources, output_format))
     rundir.commit_selection(out_dir, paths, sel.stats, fingerprint)
     return paths
+
+
+def _write_rows(sel: Selection, paths: dict[str, str]) -> None:
+    """selected_ids.txt and selection.parquet, streamed one rank range at a time."""
+    with rundir.open_atomic(paths["ids"], "wb") as ids, rundir.open_atomic(paths["scores"], "wb") as scores:
+        writer = None
+        for table in sel.batches():
+            ids.write("".join(f"{sid}\n" for sid in table.column("sample_id").to_pylist()).encode())
+            writer = writer or pq.ParquetWriter(scores, table.schema)
+            writer.write_table(table)
+        if writer is not None:
+            writer.close()
 
 
 def scores_plan(scores_dir: str) -> list[Shard] | None:

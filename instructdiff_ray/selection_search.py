@@ -12,7 +12,10 @@ stats), found by a distributed search, so that no process holds every score row.
    the key interval still in question, and the interval shrinks to the bin where the target
    falls; when it holds at most `fetch_rows` rows they are fetched and the cut found exactly; a
    single key value shared by more rows goes on to the sample_ids' bytes, 8 at a time.
-3. Gather. The selected rows come back from the partitions and are ranked by (key, sample_id).
+3. Rank ranges. The same count search finds the first row of each range of at most `range_rows`
+   selected rows; each partition splits its selected rows by range, and one task per range sorts
+   its rows by (key, sample_id) and numbers them from the range's first rank. The ranges stay in
+   the object store; the writer (selection.write_selection) reads them one at a time, in order.
 
 Keys are uint64 whose unsigned order is the order of the values (strategies.sortable), so a bin
 is an exact range and the search ends.
@@ -167,6 +170,7 @@ def _view(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any]) -> dict[st
             else:
                 chosen = ranked & _before(skey, part.ids, tuple(fill), inclusive=True)
             view["chosen"] = chosen
+            view["chosen_ranked"] = (chosen, skey)
             view["chosen_dh"] = (chosen & np.isfinite(part.dh), dh_key)
             view["chosen_dnll"] = (chosen & np.isfinite(part.dnll), dnll_key)
     return view
@@ -247,11 +251,29 @@ def _round(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], searches:
     return {"answers": [_answer(part, view, s) for s in searches], "aggregates": _aggregates(part, view)}
 
 
-def _chosen(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any]) -> pa.Table:
-    """A partition's selected rows, with their key (for the ranking)."""
+def _cut(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], starts: list[tuple[int, str]]) -> tuple:
+    """A partition's selected rows (with their key, for the ranking) split into the rank ranges that
+    begin at `starts` (the first row of each range after the first)."""
     view = _view(part, cfg, ctx)
     rows = np.flatnonzero(view["chosen"])
-    return part.table.take(pa.array(rows)).append_column("_key", pa.array(view["ranked"][1][rows]))
+    keys = view["ranked"][1][rows]
+    ids = part.ids.take(pa.array(rows))
+    rank_range = np.zeros(len(rows), dtype=np.int64)
+    for start in starts:
+        rank_range += ~_before(keys, ids, start, inclusive=False)
+    table = part.table.take(pa.array(rows)).append_column("_key", pa.array(keys))
+    out = tuple(table.filter(pa.array(rank_range == r)) for r in range(len(starts) + 1))
+    return out if len(out) > 1 else out[0]
+
+
+def _rank(offset: int, *pieces: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+    """One rank range: its rows from every partition in (key, sample_id) order, ranked from `offset`."""
+    table = pa.concat_tables(list(pieces), promote_options="permissive")
+    table = table.take(pc.sort_indices(table, sort_keys=[("_key", "ascending"), ("sample_id", "ascending")]))
+    table = table.drop_columns(["_key"]).append_column("rank", pa.array(np.arange(offset, offset + table.num_rows,
+                                                                                  dtype=np.int64)))
+    sources = pc.unique(table.column("source_file").cast(pa.string())).to_pylist()
+    return table, {"rows": table.num_rows, "schema": table.schema, "sources": sources}
 
 
 # ------------------------------------------------------------------ the search
@@ -395,10 +417,38 @@ def _groups(files: list[str], rows: list[int], most: int) -> list[list[str]]:
     return groups
 
 
+def _ranked_parts(runner: _Runner, ctx: dict[str, Any], chosen: int, range_rows: int) -> tuple[list[Any], pa.Schema, list[str]]:
+    """The selected rows as consecutive rank ranges of at most `range_rows` rows, each sorted by a
+    task, in the object store: found by count searches for each range's first row, so no process
+    holds more than one range."""
+    import ray
+
+    ranges = max(1, -(-chosen // range_rows))
+    per = -(-chosen // ranges) if chosen else 0
+    starts = [Search("chosen_ranked", "count", r * per + 1) for r in range(1, ranges)]
+    if starts:
+        runner.run(ctx, starts)
+    cuts = [s.answer for s in starts]
+    cut = ray.remote(num_cpus=1, max_retries=2, num_returns=ranges)(_cut)
+    pieces = [cut.remote(p, runner.cfg, ctx, cuts) for p in runner.parts]
+    if ranges == 1:
+        pieces = [[p] for p in pieces]
+    rank = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(_rank)
+    ranked = [rank.remote(r * per, *[p[r] for p in pieces]) for r in range(ranges)]
+    del pieces
+    meta = ray.get([m for _, m in ranked])
+    expected = [min(per, chosen - r * per) for r in range(ranges)]
+    if [m["rows"] for m in meta] != expected:  # the ranges must tile the ranking exactly
+        raise RuntimeError(f"rank ranges of {[m['rows'] for m in meta]} rows, expected {expected}")
+    schema = pa.unify_schemas([m["schema"] for m in meta], promote_options="permissive")
+    return [t for t, _ in ranked], schema, sorted({f for m in meta for f in m["sources"]})
+
+
 def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2_500_000, fetch_rows: int = 200_000,
-                  split_rows: int = 1_000_000):
+                  split_rows: int = 1_000_000, range_rows: int = 1_000_000):
     """What `select(load_scores(scores_dir), cfg)` returns (its rows and stats), by the distributed
-    search; Ray must be attached."""
+    search; Ray must be attached. The selected rows stay in the object store as rank ranges of at
+    most `range_rows` rows (Selection.batches reads them in order)."""
     import ray
 
     from .selection import Selection
@@ -460,10 +510,7 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
     plans = {name: _quantile_searches(name, agg[f"n_{name}"]) for name in ("finite_dh", "finite_dnll", "chosen_dh", "chosen_dnll")}
     runner.run(ctx, [s for name, plan in plans.items() if agg[f"n_{name}"] for _, a, b in plan for s in (a, b)])
     q = {name: _quantiles(plan, agg[f"n_{name}"]) for name, plan in plans.items()}
-    chosen = pa.concat_tables(ray.get([ray.remote(num_cpus=1)(_chosen).remote(p, cfg, ctx) for p in parts]),
-                              promote_options="permissive")
-    chosen = chosen.take(pc.sort_indices(chosen, sort_keys=[("_key", "ascending"), ("sample_id", "ascending")]))
-    picked = chosen.drop_columns(["_key"]).append_column("rank", pa.array(np.arange(chosen.num_rows, dtype=np.int64)))
+    parts, schema, sources = _ranked_parts(runner, ctx, agg["chosen"], range_rows)
     stats = {
         "strategy": cfg.strategy,
         "rows_total": sum(i["rows"] for i in info),
@@ -483,7 +530,8 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
         "search": {"partitions": n_parts, "rounds": runner.rounds},
     }
     log.info("selection: distributed search over %d partitions, %d rounds", n_parts, runner.rounds)
-    return Selection(rows=picked, stats=stats, kept_mask=None, source=None, scored_idx=None)
+    return Selection(rows=None, stats=stats, kept_mask=None, source=None, scored_idx=None, parts=parts, schema=schema,
+                     sources=sources)
 
 
 def select_scores(scores_dir: str, cfg: SelectionConfig, in_memory_rows: int):

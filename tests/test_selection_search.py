@@ -39,10 +39,12 @@ def write_scores(root, n, files, seed=0, decimals=1, prefix="sample-"):
 def same(a, b):
     stats = dict(b.stats)
     assert stats.pop("search")["partitions"] > 1
-    assert b.rows.column("sample_id").to_pylist() == a.rows.column("sample_id").to_pylist()
-    assert b.rows.column("rank").to_pylist() == a.rows.column("rank").to_pylist()
+    assert b.rows is None and len(b.parts) >= 1  # held as rank ranges in the object store
+    b = b.table()
+    assert b.column("sample_id").to_pylist() == a.rows.column("sample_id").to_pylist()
+    assert b.column("rank").to_pylist() == a.rows.column("rank").to_pylist()
     assert stats == a.stats
-    assert b.rows.drop_columns(["rank"]).to_pylist() == a.rows.drop_columns(["rank"]).to_pylist()
+    assert b.drop_columns(["rank"]).to_pylist() == a.rows.drop_columns(["rank"]).to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def ties(tmp_path_factory):
 def test_every_strategy_gives_the_in_memory_pick(strategy, unit, ties, ray_local):
     root, table = ties
     cfg = SelectionConfig(strategy=strategy, budget_unit=unit, seed=3)
-    same(select(table, cfg), search_select(str(root), cfg, partition_rows=2500, fetch_rows=40))
+    same(select(table, cfg), search_select(str(root), cfg, partition_rows=2500, fetch_rows=40, range_rows=300))
 
 
 def test_edges_budget_zero_no_trim_and_all_ties(tmp_path, ray_local):
@@ -64,7 +66,7 @@ def test_edges_budget_zero_no_trim_and_all_ties(tmp_path, ray_local):
     table = load_scores(str(root))
     for cfg in (SelectionConfig(budget=1e-9), SelectionConfig(budget=1e-9, budget_unit="samples"),
                 SelectionConfig(gamma=0.49), SelectionConfig(gamma=0.0), SelectionConfig(budget=1.0), SelectionConfig(budget=1.0, budget_unit="samples")):
-        same(select(table, cfg), search_select(str(root), cfg, partition_rows=700, fetch_rows=5))
+        same(select(table, cfg), search_select(str(root), cfg, partition_rows=700, fetch_rows=5, range_rows=300))
     one_value = tmp_path / "flat"
     write_scores(one_value, 3000, 3, decimals=None)
     for f in one_value.glob("*.parquet"):  # every row the same ΔNLL and ΔH: only the sample_ids order them
@@ -73,7 +75,7 @@ def test_edges_budget_zero_no_trim_and_all_ties(tmp_path, ray_local):
         t = t.set_column(t.schema.get_field_index("delta_entropy"), "delta_entropy", pa.array(np.full(t.num_rows, -0.5)))
         pq.write_table(t, f)
     same(select(load_scores(str(one_value)), SelectionConfig()),
-         search_select(str(one_value), SelectionConfig(), partition_rows=700, fetch_rows=5))
+         search_select(str(one_value), SelectionConfig(), partition_rows=700, fetch_rows=5, range_rows=100))
 
 
 def test_a_million_rows_with_ties(tmp_path, ray_local):
@@ -81,7 +83,8 @@ def test_a_million_rows_with_ties(tmp_path, ray_local):
     table = load_scores(str(root))
     cfg = SelectionConfig()
     a = select(table, cfg)
-    b = search_select(str(root), cfg, partition_rows=250_000, fetch_rows=20_000)
+    b = search_select(str(root), cfg, partition_rows=250_000, fetch_rows=20_000, range_rows=20_000)
+    assert len(b.parts) > 2
     assert a.stats["duplicates_dropped"] > 10_000 and a.stats["selected_rows"] > 50_000
     same(a, b)
 
@@ -95,3 +98,9 @@ def test_api_select_above_the_in_memory_limit_writes_the_same_selection(ties, tm
     assert large.stats.pop("search")["rounds"] > 0
     assert (tmp_path / "memory" / "selected_ids.txt").read_text() == (tmp_path / "search" / "selected_ids.txt").read_text()
     assert small.stats == large.stats
+    # written one rank range at a time, the same rows as the in-memory table
+    streamed = pq.read_table(tmp_path / "search" / "selection.parquet")
+    assert streamed.to_pylist() == pq.read_table(tmp_path / "memory" / "selection.parquet").to_pylist()
+    assert large.rows is None and small.rows.num_rows == streamed.num_rows  # not gathered when written
+    unwritten = api.select(str(root), export="never", in_memory_rows=0)
+    assert unwritten.rows.to_pylist() == small.rows.to_pylist()  # gathered when asked for without `out`
