@@ -199,18 +199,27 @@ def samples_digest(samples: list[Sample]) -> str:
     return h.hexdigest()
 
 
-def rows_by_shard(shards: list[Shard], files: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
+def rows_by_shard(shards: list[Shard], files: Any, rows: np.ndarray) -> dict[int, np.ndarray]:
     """shard id -> positions i (into `files`/`rows`, sorted by row) of the rows (files[i], rows[i])
-    that the shard holds; vectorised per file."""
+    that the shard holds; vectorised per file. `files` (an Arrow or numpy array of paths) is read
+    as dictionary codes: millions of rows cost 4 bytes each, not a Python string."""
+    import pyarrow as pa
+
     by_file: dict[str, list[Shard]] = {}
     for s in shards:
         by_file.setdefault(s.path, []).append(s)
+    arr = files if isinstance(files, (pa.Array, pa.ChunkedArray)) else pa.array(files, pa.string())
+    arr = pa.chunked_array([arr]) if isinstance(arr, pa.Array) else arr
+    arr = arr.cast(pa.dictionary(pa.int32(), pa.string())).unify_dictionaries()
+    chunks = [c for c in arr.chunks if len(c)]
+    paths = chunks[0].dictionary.to_pylist() if chunks else []
+    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]) if chunks else np.zeros(0, np.int32)
     out: dict[int, np.ndarray] = {}
-    for path in np.unique(files):
-        idx = np.flatnonzero(files == path)
+    for code in np.unique(codes):
+        idx = np.flatnonzero(codes == code)
         idx = idx[np.argsort(rows[idx], kind="stable")]
         sorted_rows = rows[idx]
-        for s in by_file.get(str(path), []):
+        for s in by_file.get(paths[code], []):
             lo, hi = np.searchsorted(sorted_rows, [s.row_start, s.row_stop])
             if hi > lo:
                 out[s.shard_id] = idx[lo:hi]

@@ -16,7 +16,9 @@ import json
 import logging
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import rundir
@@ -59,11 +61,11 @@ def export_selection(rows: pa.Table, plan: list[Shard] | None, sel_dir: str, fmt
     sel_dir/selected.<fmt>; returns the path and the number of records written."""
     from .runtime import map_tasks
 
-    src = rows.column("source_file").cast(pa.string()).to_numpy(zero_copy_only=False)
+    src = rows.column("source_file")
     row = rows.column("source_row").to_numpy()
     rank = rows.column("rank").to_numpy()
-    shards = plan or _plan_of(sorted(set(src.tolist())))
-    picks = {sid: list(zip(row[i].tolist(), rank[i].tolist())) for sid, i in rows_by_shard(shards, src, row).items()}
+    shards = plan or _plan_of(sorted(set(pc.unique(src.cast(pa.string())).to_pylist())))
+    picks = {sid: np.stack([row[i], rank[i]]) for sid, i in rows_by_shard(shards, src, row).items()}
     units = read_units([s for s in shards if s.shard_id in picks])
     per_task = max(1, -(-len(units) // MAX_PARTS))
     parts_dir = rundir.export_parts_dir(sel_dir)
@@ -89,12 +91,13 @@ def _plan_of(sources: list[str]) -> list[Shard]:
     return plan_shards(DataConfig(paths=sources, shard_rows=100_000))
 
 
-def _export_part(units: list[list[Shard]], picks: dict[int, list[tuple[int, int]]], url: str) -> dict[str, Any]:
-    """Task: the selected records of some read units, sorted by rank, into one part file."""
+def _export_part(units: list[list[Shard]], picks: dict[int, np.ndarray], url: str) -> dict[str, Any]:
+    """Task: the selected records of some read units, sorted by rank, into one part file
+    (`picks`: per shard, its selected source rows over their ranks)."""
     found: list[tuple[int, Any]] = []
     for unit in units:
         for shard, raw in iter_unit(unit):
-            want = dict(picks[shard.shard_id])
+            want = dict(zip(*picks[shard.shard_id].tolist()))
             found += [(want[r], rec) for r, rec, err, _ in raw if r in want and err is None]
     found.sort(key=lambda x: x[0])
     with rundir.open_atomic(url, "w") as f:

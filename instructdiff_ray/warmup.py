@@ -140,11 +140,11 @@ def selection_picks(selection_parquet: str, shards: list[Shard], cap: int | None
     per read unit in plan order; a seeded uniform subset of `cap` rows when it has more."""
     with fsspec.open(selection_parquet, "rb") as f:
         t = pq.read_table(f, columns=["source_file", "source_row"])
-    files = t.column("source_file").cast(pa.string()).to_numpy(zero_copy_only=False)
+    files = t.column("source_file")
     rows = t.column("source_row").to_numpy()
     if cap is not None and len(rows) > cap:
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=cap, replace=False))
-        files, rows = files[keep], rows[keep]
+        files, rows = files.take(pa.array(keep)), rows[keep]
     by_shard = rows_by_shard(shards, files, rows)
     return [{s.shard_id: rows[by_shard[s.shard_id]] for s in unit if s.shard_id in by_shard} for unit in read_units(shards)]
 
