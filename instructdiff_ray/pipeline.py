@@ -316,7 +316,8 @@ def _run_rounds(cfg: RunConfig, lease: rundir.Lease) -> RunSummary:
             else:
                 assert train_from is not None
                 cap = cfg.warmup.max_samples
-                samples, drawn = collect(cfg, shards, selection=train_from[0], cap=cap), min(train_from[1], cfg.warmup.max_samples or train_from[1])
+                samples = collect(cfg, shards, selection=train_from[0], cap=cap)
+                drawn = train_from[1] if cap is None else min(train_from[1], cap)
             progress = Progress(f"warmup r{k}", 1, cfg.progress)
             progress.note(f"training on {drawn} rows ({cfg.warmup.method})")
             result = train_warmup(cfg, samples, rundir.warmup_dir(cfg.out, k))

@@ -56,9 +56,7 @@ def _ok(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def _read(path: str) -> pa.Table:
-    fs, p = rundir.fs_of(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f, columns=["status", *COLUMNS, "source_file"], read_dictionary=["status", "source_file"])
+    return rundir.read_score_file(path, ["status", *COLUMNS, "source_file"])
 
 
 def _ranges(files: list[str]) -> dict[str, list[float]]:

@@ -792,6 +792,16 @@ def score_files(scores_dir: str) -> list[str]:
     return [prefix + p for p in sorted(fs.glob(join(root, "*.parquet")))]
 
 
+def read_score_file(path: str, columns: list[str] | None = None):
+    """One score file (or some of its columns), its repetitive strings dictionary-encoded so that
+    millions of rows stay small."""
+    import pyarrow.parquet as pq
+
+    fs, p = fs_of(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=columns, read_dictionary=["source_file", "status", "reason"])
+
+
 def unmarked_shard_files(scores_dir: str, done: set[int]) -> list[str]:
     fs, root = fs_of(scores_dir)
     return [p for p in fs.glob(join(root, "shard-*.parquet")) if shard_id_of(p) not in done]

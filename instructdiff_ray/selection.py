@@ -114,12 +114,7 @@ def load_scores(scores_dir: str, columns: list[str] | None = None) -> pa.Table:
     files = rundir.score_files(scores_dir)
     if not files:
         raise FileNotFoundError(f"no score files (*.parquet) in {scores_dir}")
-    tables = []
-    for path in files:
-        fs, p = rundir.fs_of(path)
-        with fs.open(p, "rb") as f:  # repetitive strings dictionary-encoded: 10M rows stay small
-            tables.append(pq.read_table(f, columns=columns, read_dictionary=["source_file", "status", "reason"]))
-    return pa.concat_tables(tables, promote_options="permissive")
+    return pa.concat_tables([rundir.read_score_file(f, columns) for f in files], promote_options="permissive")
 
 
 def nll_filter(dnll: np.ndarray, gamma: float) -> tuple[np.ndarray, int]:

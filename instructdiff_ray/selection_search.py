@@ -46,18 +46,12 @@ U64 = np.uint64
 # ------------------------------------------------------------------ partitions
 
 
-def _read(path: str) -> pa.Table:
-    fs, p = rundir.fs_of(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f, read_dictionary=["source_file", "status", "reason"])
-
-
 def _split(files: list[str], parts: int) -> tuple:
     """A group of score files' ok rows cut into `parts` pieces by a hash of sample_id, and what the
     stats need of every row (status counts, rows, whether responses were scored alone)."""
     import pandas as pd
 
-    tables = [_read(f) for f in files]
+    tables = [rundir.read_score_file(f) for f in files]
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     status = table.column("status").cast(pa.string())
     counts = {str(d["values"]): int(d["counts"]) for d in pc.value_counts(status).to_pylist()}
@@ -228,7 +222,8 @@ def _answer(part: Partition, view: dict[str, Any], s: Search) -> dict[str, Any]:
 
 
 def _aggregates(part: Partition, view: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"kept": int(view["keep"].sum()), "tokens": int(part.tokens.sum()),
+    out: dict[str, Any] = {"rows": len(part.tokens), "duplicates": part.duplicates,
+                           "kept": int(view["keep"].sum()), "tokens": int(part.tokens.sum()),
                            "nonfinite": int((~(np.isfinite(part.dnll) & np.isfinite(part.dh))).sum())}
     for name, value in view.items():
         if isinstance(value, tuple):
@@ -390,10 +385,6 @@ def _quantiles(plan: list[tuple[float, Search, Search]], m: int) -> dict[str, fl
             for q, a, b in plan}
 
 
-def _size(part: Partition) -> tuple[int, int]:
-    return len(part.tokens), part.duplicates
-
-
 def _row_counts(files: list[str]) -> list[int]:
     """Rows per score file, from the Parquet footers."""
     out = []
@@ -402,6 +393,14 @@ def _row_counts(files: list[str]) -> list[int]:
         with fs.open(p, "rb") as f:
             out.append(pq.ParquetFile(f).metadata.num_rows)
     return out
+
+
+def _file_rows(files: list[str]) -> list[int]:
+    """Rows per score file, from the footers, read by tasks of 256 files (in this process without Ray)."""
+    from .runtime import map_tasks
+
+    groups = [(files[i : i + 256],) for i in range(0, len(files), 256)]
+    return [n for part in map_tasks(_row_counts, groups, num_cpus=0.25) for n in part]
 
 
 def _groups(files: list[str], rows: list[int], most: int) -> list[list[str]]:
@@ -445,10 +444,11 @@ def _ranked_parts(runner: _Runner, ctx: dict[str, Any], chosen: int, range_rows:
 
 
 def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2_500_000, fetch_rows: int = 200_000,
-                  split_rows: int = 1_000_000, range_rows: int = 1_000_000):
+                  split_rows: int = 1_000_000, range_rows: int = 1_000_000, file_rows: list[int] | None = None):
     """What `select(load_scores(scores_dir), cfg)` returns (its rows and stats), by the distributed
     search; Ray must be attached. The selected rows stay in the object store as rank ranges of at
-    most `range_rows` rows (Selection.batches reads them in order)."""
+    most `range_rows` rows (Selection.batches reads them in order). `file_rows`: the rows of each
+    score file, when the caller has read the footers already."""
     import ray
 
     from .selection import Selection
@@ -457,8 +457,7 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
     files = rundir.score_files(scores_dir)
     if not files:
         raise FileNotFoundError(f"no score files (*.parquet) in {scores_dir}")
-    listing = [files[i : i + 256] for i in range(0, len(files), 256)]
-    rows = [n for part in ray.get([ray.remote(num_cpus=0.25)(_row_counts).remote(g) for g in listing]) for n in part]
+    rows = file_rows if file_rows is not None else _file_rows(files)
     groups = _groups(files, rows, split_rows)  # each split task reads about split_rows rows
     n_parts = max(1, -(-sum(rows) // partition_rows))
     split = ray.remote(num_cpus=1, max_retries=2, num_returns=n_parts + 1)(_split)
@@ -473,11 +472,10 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
     build = ray.remote(num_cpus=1, max_retries=2)(_build)
     parts = [build.remote(cfg.strategy, cfg.seed, *[p[j] for p in pieces]) for j in range(n_parts)]
     del pieces  # each piece is freed once its partition is built
-    sizes = ray.get([ray.remote(num_cpus=0.25)(_size).remote(p) for p in parts])
-    n, duplicates = sum(a for a, _ in sizes), sum(b for _, b in sizes)
     runner = _Runner(parts, cfg, fetch_rows)
     ctx: dict[str, Any] = {}
     agg = runner.run(ctx, [])
+    n, duplicates = agg["rows"], agg["duplicates"]
     if strategy.trim and agg["nonfinite"]:
         raise ValueError(f"{agg['nonfinite']} ok rows lack warmup scores; strategy {cfg.strategy} needs ΔNLL and ΔH")
     total_tokens = agg["tokens"]
@@ -540,14 +538,12 @@ def select_scores(scores_dir: str, cfg: SelectionConfig, in_memory_rows: int):
     attaches to Ray, or starts a local one, when not attached)."""
     import ray
 
-    from .runtime import map_tasks
     from .selection import load_scores, select
 
     files = rundir.score_files(scores_dir)
-    groups = [(files[i : i + 256],) for i in range(0, len(files), 256)]
-    rows = sum(n for part in map_tasks(_row_counts, groups, num_cpus=0.25) for n in part)
-    if rows <= in_memory_rows:
+    rows = _file_rows(files)
+    if sum(rows) <= in_memory_rows:
         return select(load_scores(scores_dir), cfg)
     if not ray.is_initialized():
         ray.init(logging_level="ERROR")
-    return search_select(scores_dir, cfg)
+    return search_select(scores_dir, cfg, file_rows=rows)

@@ -131,8 +131,7 @@ def count_and_digest(samples: list[Sample] | SampleSet) -> tuple[int, str]:
 
 
 def _count_and_digest(samples: SampleSet) -> tuple[int, str]:
-    rows = samples.resolve()
-    return len(rows), samples_digest(rows)
+    return count_and_digest(samples.resolve())
 
 
 def selection_picks(selection_parquet: str, shards: list[Shard], cap: int | None, seed: int) -> list[dict[int, np.ndarray]]:
@@ -147,6 +146,12 @@ def selection_picks(selection_parquet: str, shards: list[Shard], cap: int | None
         files, rows = files.take(pa.array(keep)), rows[keep]
     by_shard = rows_by_shard(shards, files, rows)
     return [{s.shard_id: rows[by_shard[s.shard_id]] for s in unit if s.shard_id in by_shard} for unit in read_units(shards)]
+
+
+def _picks_and_held(selection_parquet: str, shards: list[Shard], cap: int | None, seed: int) -> tuple:
+    """Task: selection_picks, then whether each read unit holds any of the rows (no task for one that does not)."""
+    picks = selection_picks(selection_parquet, shards, cap, seed)
+    return (*picks, [bool(p) for p in picks])
 
 
 def collect(cfg: RunConfig, shards: list[Shard], draw: Draw | None = None, selection: str | None = None,
@@ -166,13 +171,14 @@ def collect(cfg: RunConfig, shards: list[Shard], draw: Draw | None = None, selec
                 for u in units if any(s.path in draw.counts for s in u)]
     else:
         seed = cfg.warmup.seed
-        if ray.is_initialized():
-            task = ray.remote(num_cpus=1, max_retries=1, num_returns=len(units))(selection_picks)
+        if ray.is_initialized():  # the split stays in the object store; only which units hold rows comes back
+            task = ray.remote(num_cpus=1, max_retries=1, num_returns=len(units) + 1)(_picks_and_held)
             refs = task.remote(selection, shards, cap, seed)
-            picks = [refs] if len(units) == 1 else list(refs)
+            picks, held = list(refs[:-1]), ray.get(refs[-1])
         else:
             picks = selection_picks(selection, shards, cap, seed)
-        jobs = [(cfg.data, u, p, None) for u, p in zip(units, picks)]
+            held = [bool(p) for p in picks]
+        jobs = [(cfg.data, u, p, None) for u, p, h in zip(units, picks, held) if h]
     if not ray.is_initialized():
         return SampleSet(map_tasks(_collect_unit, jobs))
     remote = ray.remote(num_cpus=1, max_retries=2)(_collect_unit)
