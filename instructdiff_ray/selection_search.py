@@ -68,23 +68,30 @@ def _split(files: list[str], parts: int) -> tuple:
 
 @dataclass
 class Partition:
-    """One partition's rows (ok, one per sample_id, in sample_id order) and their keys."""
-    table: pa.Table
+    """What every round reads of one partition's rows (ok, one per sample_id, in sample_id order):
+    ids, scores, tokens and the strategy's key. The full rows are a separate object that only the
+    final cut reads, so the rounds move a fraction of the bytes."""
     ids: pa.Array
     dnll: np.ndarray
     dh: np.ndarray
-    tokens: np.ndarray
-    cols: dict[str, Any] = field(default_factory=dict)  # what the strategy's key reads
+    tokens: np.ndarray  # int32
+    cols: dict[str, Any] = field(default_factory=dict)  # what the strategy's key reads (centred keys only)
     duplicates: int = 0
-    dnll_key: np.ndarray | None = None
-    dh_key: np.ndarray | None = None
     skey: np.ndarray | None = None  # the strategy's key, when it needs no global value
     eligible: np.ndarray | None = None
 
+    @property
+    def dnll_key(self) -> np.ndarray:
+        return sortable(self.dnll)[0]
 
-def _build(strategy: str, seed: int, *pieces: pa.Table) -> Partition:
-    """A partition from its pieces (in file order): first row of each sample_id kept, in id order,
-    with the keys every round reads computed once."""
+    @property
+    def dh_key(self) -> np.ndarray:
+        return sortable(self.dh)[0]
+
+
+def _build(strategy: str, seed: int, *pieces: pa.Table) -> tuple[Partition, pa.Table]:
+    """A partition from its pieces (in file order): first row of each sample_id kept, in id order;
+    what the rounds read, with the strategy's key computed once, and the full rows."""
     from .selection import _by_id
 
     st = STRATEGIES[strategy]
@@ -102,14 +109,12 @@ def _build(strategy: str, seed: int, *pieces: pa.Table) -> Partition:
     for name, derive in st.derived.items():
         cols[name] = derive(cols)
     cols["n_response_tokens"] = table.column("n_response_tokens").to_numpy().astype(np.int64)
-    part = Partition(table, table.column("sample_id").combine_chunks(), cols["delta_nll"], cols["delta_entropy"],
-                     cols["n_response_tokens"], cols, duplicates)
-    part.dnll_key = sortable(part.dnll)[0]
-    part.dh_key = sortable(part.dh)[0]
+    part = Partition(table.column("sample_id").combine_chunks(), cols["delta_nll"], cols["delta_entropy"],
+                     cols["n_response_tokens"].astype(np.int32), cols, duplicates)
     if not st.center:  # a key that needs no global value: computed once here, its inputs dropped
         part.skey, part.eligible = sortable(st.key(cols, {"seed": float(seed)}), st.descending)
         part.cols = {}
-    return part
+    return part, table
 
 
 # ------------------------------------------------------------------ one partition's answers
@@ -213,7 +218,7 @@ def _shift(lo: int, hi: int) -> int:
 
 def _answer(part: Partition, view: dict[str, Any], s: Search) -> dict[str, Any]:
     rows, values = _in_interval(view, part, s)
-    weights = part.tokens[rows] if s.weight == "tokens" else np.ones(len(rows), np.int64)
+    weights = part.tokens[rows].astype(np.int64) if s.weight == "tokens" else np.ones(len(rows), np.int64)
     if s.fetch:
         keys = view[s.subset][1][rows]
         return {"keys": keys, "ids": part.ids.take(pa.array(rows)), "weights": weights}
@@ -246,7 +251,7 @@ def _round(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], searches:
     return {"answers": [_answer(part, view, s) for s in searches], "aggregates": _aggregates(part, view)}
 
 
-def _cut(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], starts: list[tuple[int, str]]) -> tuple:
+def _cut(part: Partition, table: pa.Table, cfg: SelectionConfig, ctx: dict[str, Any], starts: list[tuple[int, str]]) -> tuple:
     """A partition's selected rows (with their key, for the ranking) split into the rank ranges that
     begin at `starts` (the first row of each range after the first)."""
     view = _view(part, cfg, ctx)
@@ -256,7 +261,7 @@ def _cut(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], starts: lis
     rank_range = np.zeros(len(rows), dtype=np.int64)
     for start in starts:
         rank_range += ~_before(keys, ids, start, inclusive=False)
-    table = part.table.take(pa.array(rows)).append_column("_key", pa.array(keys))
+    table = table.take(pa.array(rows)).append_column("_key", pa.array(keys))
     out = tuple(table.filter(pa.array(rank_range == r)) for r in range(len(starts) + 1))
     return out if len(out) > 1 else out[0]
 
@@ -416,7 +421,8 @@ def _groups(files: list[str], rows: list[int], most: int) -> list[list[str]]:
     return groups
 
 
-def _ranked_parts(runner: _Runner, ctx: dict[str, Any], chosen: int, range_rows: int) -> tuple[list[Any], pa.Schema, list[str]]:
+def _ranked_parts(runner: _Runner, tables: list[Any], ctx: dict[str, Any], chosen: int,
+                  range_rows: int) -> tuple[list[Any], pa.Schema, list[str]]:
     """The selected rows as consecutive rank ranges of at most `range_rows` rows, each sorted by a
     task, in the object store: found by count searches for each range's first row, so no process
     holds more than one range."""
@@ -429,7 +435,7 @@ def _ranked_parts(runner: _Runner, ctx: dict[str, Any], chosen: int, range_rows:
         runner.run(ctx, starts)
     cuts = [s.answer for s in starts]
     cut = ray.remote(num_cpus=1, max_retries=2, num_returns=ranges)(_cut)
-    pieces = [cut.remote(p, runner.cfg, ctx, cuts) for p in runner.parts]
+    pieces = [cut.remote(p, t, runner.cfg, ctx, cuts) for p, t in zip(runner.parts, tables)]
     if ranges == 1:
         pieces = [[p] for p in pieces]
     rank = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(_rank)
@@ -469,8 +475,9 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
             counts[k] = counts.get(k, 0) + v
     if strategy.needs_alone and not any(i["alone"] for i in info):
         raise ValueError(f"strategy {cfg.strategy} needs the responses scored alone: score with template.ifd: true")
-    build = ray.remote(num_cpus=1, max_retries=2)(_build)
-    parts = [build.remote(cfg.strategy, cfg.seed, *[p[j] for p in pieces]) for j in range(n_parts)]
+    build = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(_build)
+    built = [build.remote(cfg.strategy, cfg.seed, *[p[j] for p in pieces]) for j in range(n_parts)]
+    parts, tables = [b[0] for b in built], [b[1] for b in built]
     del pieces  # each piece is freed once its partition is built
     runner = _Runner(parts, cfg, fetch_rows)
     ctx: dict[str, Any] = {}
@@ -508,7 +515,7 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
     plans = {name: _quantile_searches(name, agg[f"n_{name}"]) for name in ("finite_dh", "finite_dnll", "chosen_dh", "chosen_dnll")}
     runner.run(ctx, [s for name, plan in plans.items() if agg[f"n_{name}"] for _, a, b in plan for s in (a, b)])
     q = {name: _quantiles(plan, agg[f"n_{name}"]) for name, plan in plans.items()}
-    parts, schema, sources = _ranked_parts(runner, ctx, agg["chosen"], range_rows)
+    ranges, schema, sources = _ranked_parts(runner, tables, ctx, agg["chosen"], range_rows)
     stats = {
         "strategy": cfg.strategy,
         "rows_total": sum(i["rows"] for i in info),
@@ -528,7 +535,7 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
         "search": {"partitions": n_parts, "rounds": runner.rounds},
     }
     log.info("selection: distributed search over %d partitions, %d rounds", n_parts, runner.rounds)
-    return Selection(rows=None, stats=stats, kept_mask=None, source=None, scored_idx=None, parts=parts, schema=schema,
+    return Selection(rows=None, stats=stats, kept_mask=None, source=None, scored_idx=None, parts=ranges, schema=schema,
                      sources=sources)
 
 
