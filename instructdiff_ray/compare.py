@@ -152,11 +152,14 @@ def in_pool(scores_dir: str, ids: list[str]) -> list[str]:
 
 def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) -> dict[str, dict[str, Any]]:  # (key, seed)
     """{unit: its training rows}, each strategy's pick written as a committed selection under
-    compare/selections/ (run as a task: it reads every score row)."""
+    compare/selections/ (run as a task: it reads every score row, or above
+    ray.select_in_memory_rows, runs the distributed search once per pick, as the run's selection does)."""
     from .config import SelectionConfig
     from .selection import load_scores, select, write_selection
+    from .selection_search import count_rows, search_select
 
-    table = load_scores(scores_dir)
+    file_rows = count_rows(rundir.score_files(scores_dir))
+    table = load_scores(scores_dir) if sum(file_rows) <= cfg.ray.select_in_memory_rows else None
     out: dict[str, dict[str, Any]] = {}
     for key, seed in units:
         strategy, budget_unit = parse_key(cfg, key)
@@ -167,7 +170,8 @@ def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) ->
         sel_dir = rundir.compare_selection_dir(cfg.out, name)
         commit = rundir.committed_selection(sel_dir)
         if commit is None:
-            sel = select(table, SelectionConfig(**settings))
+            scfg = SelectionConfig(**settings)
+            sel = select(table, scfg) if table is not None else search_select(scores_dir, scfg, file_rows=file_rows)
             paths, stats = write_selection(sel, sel_dir, export="never"), sel.stats
         else:
             paths, stats = commit["paths"], rundir.read_json(commit["paths"]["stats"])

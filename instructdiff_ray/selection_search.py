@@ -400,7 +400,7 @@ def _row_counts(files: list[str]) -> list[int]:
     return out
 
 
-def _file_rows(files: list[str]) -> list[int]:
+def count_rows(files: list[str]) -> list[int]:
     """Rows per score file, from the footers, read by tasks of 256 files (in this process without Ray)."""
     from .runtime import map_tasks
 
@@ -463,7 +463,7 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
     files = rundir.score_files(scores_dir)
     if not files:
         raise FileNotFoundError(f"no score files (*.parquet) in {scores_dir}")
-    rows = file_rows if file_rows is not None else _file_rows(files)
+    rows = file_rows if file_rows is not None else count_rows(files)
     groups = _groups(files, rows, split_rows)  # each split task reads about split_rows rows
     n_parts = max(1, -(-sum(rows) // partition_rows))
     split = ray.remote(num_cpus=1, max_retries=2, num_returns=n_parts + 1)(_split)
@@ -548,7 +548,7 @@ def select_scores(scores_dir: str, cfg: SelectionConfig, in_memory_rows: int):
     from .selection import load_scores, select
 
     files = rundir.score_files(scores_dir)
-    rows = _file_rows(files)
+    rows = count_rows(files)
     if sum(rows) <= in_memory_rows:
         return select(load_scores(scores_dir), cfg)
     if not ray.is_initialized():

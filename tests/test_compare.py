@@ -178,3 +178,21 @@ def test_a_second_budget_unit_makes_its_own_picks(compared):
     assert stats["budget"]["unit"] == "samples" and stats["selected_rows"] == int(0.2 * stats["rows_scored"])
     assert plans["instructdiff@samples/seed-0"]["n_rows"] == stats["selected_rows"]
     assert (run / "compare" / "selections" / "random@samples-seed-1" / "_SELECTION_DONE.json").exists()
+
+
+def test_picks_above_the_in_memory_limit_are_the_same(compared, tmp_path):
+    """A pool above ray.select_in_memory_rows is picked by the distributed search: the same rows."""
+    import shutil
+
+    from instructdiff_ray.compare import config_for, plan_units, scores_of_run
+
+    run, _ = compared
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("compare"))
+    keys = [("instructdiff", 0), ("random", 1), ("full", 0)]
+    cfg = config_for(str(copy), {}, [("ray.select_in_memory_rows", 0)])
+    searched = plan_units(cfg, scores_of_run(str(copy)), keys)
+    for name, plan in plan_units(config_for(str(run), {}), scores_of_run(str(run)), keys).items():
+        assert Path(searched[name]["selection"], "selected_ids.txt").read_text() == \
+            Path(plan["selection"], "selected_ids.txt").read_text(), name
+        assert searched[name]["n_rows"] == plan["n_rows"] > 0
