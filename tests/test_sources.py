@@ -103,3 +103,47 @@ def test_a_records_own_fields_are_read_back_from_arrow_files(tmp_path):
     datasets.Dataset.from_list(_rows(25)).save_to_disk(str(tmp_path / "one"))
     (path, fmt), = list_files(DataConfig(paths=[str(tmp_path / "one")]))
     assert dict(read_rows(path, fmt, {3, 17})) == {3: _rows(25)[3], 17: _rows(25)[17]}
+
+
+def test_online_listing_chooses_one_config_and_split_and_downloads_nothing(monkeypatch, tmp_path):
+    """Online, a Hub dataset's files come from the Hub's listing (one API request, served here by a
+    local stand-in for the Hub's API): the config's folder and the split are chosen from it, the
+    files are pinned to the listed commit, and nothing is downloaded while planning."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from huggingface_hub import constants
+
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    listing = ["README.md", "main/train-00000-of-00002.parquet", "main/train-00001-of-00002.parquet",
+               "main/test-00000-of-00001.parquet", "socratic/train-00000-of-00001.parquet", ".gitattributes"]
+    requests: list[str] = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server interface
+            requests.append(self.path)
+            body = json.dumps({"id": "acme/big", "sha": commit, "private": False,
+                               "siblings": [{"rfilename": f} for f in listing]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+        files = list_files(DataConfig(paths=["hf://datasets/acme/big/main"], split="train"))
+    finally:
+        server.shutdown()
+    assert files == [(f"hf://datasets/acme/big@{commit}/main/train-0000{i}-of-00002.parquet", "parquet") for i in (0, 1)]
+    assert len([r for r in requests if r.startswith("/api/datasets/acme/big")]) == 1
+    assert not [r for r in requests if "/resolve/" in r]  # no file downloaded
+    assert not (tmp_path / "empty-cache").exists()  # nothing fetched to choose the files
