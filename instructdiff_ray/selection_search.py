@@ -46,11 +46,18 @@ U64 = np.uint64
 # ------------------------------------------------------------------ partitions
 
 
+def _release() -> None:
+    """Hand back to the OS what Arrow's allocator kept from an earlier task in this (reused) worker,
+    so a worker's memory is its current task's."""
+    pa.default_memory_pool().release_unused()
+
+
 def _split(files: list[str], parts: int) -> tuple:
     """A group of score files' ok rows cut into `parts` pieces by a hash of sample_id, and what the
     stats need of every row (status counts, rows, whether responses were scored alone)."""
     import pandas as pd
 
+    _release()
     tables = [rundir.read_score_file(f) for f in files]
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     status = table.column("status").cast(pa.string())
@@ -94,6 +101,7 @@ def _build(strategy: str, seed: int, *pieces: pa.Table) -> tuple[Partition, pa.T
     what the rounds read, with the strategy's key computed once, and the full rows."""
     from .selection import _by_id
 
+    _release()
     st = STRATEGIES[strategy]
     table = pa.concat_tables(list(pieces), promote_options="permissive")
     rows, duplicates = _by_id(table, np.arange(table.num_rows))
@@ -254,6 +262,7 @@ def _round(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], searches:
 def _cut(part: Partition, table: pa.Table, cfg: SelectionConfig, ctx: dict[str, Any], starts: list[tuple[int, str]]) -> tuple:
     """A partition's selected rows (with their key, for the ranking) split into the rank ranges that
     begin at `starts` (the first row of each range after the first)."""
+    _release()
     view = _view(part, cfg, ctx)
     rows = np.flatnonzero(view["chosen"])
     keys = view["ranked"][1][rows]
@@ -268,6 +277,7 @@ def _cut(part: Partition, table: pa.Table, cfg: SelectionConfig, ctx: dict[str, 
 
 def _rank(offset: int, *pieces: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
     """One rank range: its rows from every partition in (key, sample_id) order, ranked from `offset`."""
+    _release()
     table = pa.concat_tables(list(pieces), promote_options="permissive")
     table = table.take(pc.sort_indices(table, sort_keys=[("_key", "ascending"), ("sample_id", "ascending")]))
     table = table.drop_columns(["_key"]).append_column("rank", pa.array(np.arange(offset, offset + table.num_rows,

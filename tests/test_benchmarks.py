@@ -30,3 +30,11 @@ def test_warmup_draw_benchmark_runs_small(tmp_path):
                           "--max-samples", "500", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "read 500 samples" in out.stdout and "two draws identical: True" in out.stdout, out.stdout
+
+
+def test_selection_benchmark_runs_small(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_selection.py"), "--rows", "200000",
+                          "--modes", "memory", "search", "--repeats", "1", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "identical ids in identical order: True" in out.stdout, out.stdout
