@@ -431,19 +431,21 @@ def _groups(files: list[str], rows: list[int], most: int) -> list[list[str]]:
     return groups
 
 
-def _ranked_parts(runner: _Runner, tables: list[Any], ctx: dict[str, Any], chosen: int,
-                  range_rows: int) -> tuple[list[Any], pa.Schema, list[str]]:
-    """The selected rows as consecutive rank ranges of at most `range_rows` rows, each sorted by a
-    task, in the object store: found by count searches for each range's first row, so no process
-    holds more than one range."""
-    import ray
-
+def _range_starts(chosen: int, range_rows: int) -> tuple[int, list[Search]]:
+    """Rows per rank range (of at most `range_rows`, as even as can be) and the searches for the
+    first row of each range after the first."""
     ranges = max(1, -(-chosen // range_rows))
     per = -(-chosen // ranges) if chosen else 0
-    starts = [Search("chosen_ranked", "count", r * per + 1) for r in range(1, ranges)]
-    if starts:
-        runner.run(ctx, starts)
-    cuts = [s.answer for s in starts]
+    return per, [Search("chosen_ranked", "count", r * per + 1) for r in range(1, ranges)]
+
+
+def _ranked_parts(runner: _Runner, tables: list[Any], ctx: dict[str, Any], chosen: int, per: int,
+                  cuts: list[tuple[int, str]]) -> tuple[list[Any], pa.Schema, list[str]]:
+    """The selected rows as consecutive rank ranges of `per` rows (the last fewer) beginning at
+    `cuts`, each sorted by a task, in the object store: no process holds more than one range."""
+    import ray
+
+    ranges = len(cuts) + 1
     cut = ray.remote(num_cpus=1, max_retries=2, num_returns=ranges)(_cut)
     pieces = [cut.remote(p, t, runner.cfg, ctx, cuts) for p, t in zip(runner.parts, tables)]
     if ranges == 1:
@@ -523,9 +525,10 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
         ctx["fill"] = fill.answer if fill.answer is not None else "all"
     agg = runner.run(ctx, [])
     plans = {name: _quantile_searches(name, agg[f"n_{name}"]) for name in ("finite_dh", "finite_dnll", "chosen_dh", "chosen_dnll")}
-    runner.run(ctx, [s for name, plan in plans.items() if agg[f"n_{name}"] for _, a, b in plan for s in (a, b)])
+    per, starts = _range_starts(agg["chosen"], range_rows)  # searched in the same rounds as the quantiles
+    runner.run(ctx, [s for name, plan in plans.items() if agg[f"n_{name}"] for _, a, b in plan for s in (a, b)] + starts)
     q = {name: _quantiles(plan, agg[f"n_{name}"]) for name, plan in plans.items()}
-    ranges, schema, sources = _ranked_parts(runner, tables, ctx, agg["chosen"], range_rows)
+    ranges, schema, sources = _ranked_parts(runner, tables, ctx, agg["chosen"], per, [s.answer for s in starts])
     stats = {
         "strategy": cfg.strategy,
         "rows_total": sum(i["rows"] for i in info),
