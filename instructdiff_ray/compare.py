@@ -121,6 +121,12 @@ def training_settings(cfg: RunConfig):
     return train
 
 
+def comparable_training(cfg: RunConfig) -> dict[str, Any]:
+    """The training settings two comparable units share. Gradient checkpointing is left out: it saves
+    memory and trains the same model (tested), so a large unit such as full can turn it on alone."""
+    return training_settings(cfg).model_dump(mode="json", exclude={"seed", "gradient_checkpointing"})
+
+
 def fingerprint(cfg: RunConfig, scores_dir: str, heldout: list[Sample]) -> dict[str, Any]:
     """What makes two units comparable: the same base, scores, budget, training and held-out
     settings (strategies and seeds may be added to a comparison; these may not change)."""
@@ -132,7 +138,7 @@ def fingerprint(cfg: RunConfig, scores_dir: str, heldout: list[Sample]) -> dict[
         "base_model": identity(pin(cfg.model.base)),
         "scores": manifest["fingerprint_hash"],
         "budget": budget_settings(cfg),
-        "train": training_settings(cfg).model_dump(mode="json", exclude={"seed"}),
+        "train": comparable_training(cfg),
         "template": cfg.template.model_dump(mode="json"),
         "dtype": cfg.model.dtype,
         "heldout": {"rows": len(heldout), "sha256": samples_digest(heldout)},
@@ -302,7 +308,11 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     if overlap:
         raise ConfigError(f"{len(overlap)} of {len(heldout)} held-out rows are also in the pool (first: {overlap[0]}); "
                           "a held-out set must not share a sample with what the models train on (see compare.eval_skip)")
-    rundir.compare_stage(cfg.out).open(fingerprint(cfg, scores_dir, heldout), replace=False)
+    stage, fp = rundir.compare_stage(cfg.out), fingerprint(cfg, scores_dir, heldout)
+    recorded = ((rundir.read_record(stage.path(stage.kind.record)) or {}).get("fingerprint") or {}).get("train") or {}
+    if "gradient_checkpointing" in recorded:  # recorded before it left the fingerprint: the same comparison
+        fp = {**fp, "train": {**fp["train"], "gradient_checkpointing": recorded["gradient_checkpointing"]}}
+    stage.open(fp, replace=False)
     wanted = [(k, seed) for k in compared_keys(cfg) for seed in (c.full_seeds if k == FULL and c.full_seeds else c.seeds)]
     plans = remote_call(plan_units, cfg, scores_dir, wanted)
     names = [BASE_UNIT, *plans]
@@ -430,7 +440,7 @@ def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int,
     rows.sort(key=lambda r: (r["strategy"] != BASE_UNIT, r["nll_mean"]))
     metric_name = next((u["user_metric"]["name"] for u in units if u.get("user_metric")), None)
     return {"budget": budget_settings(cfg),
-            "train": training_settings(cfg).model_dump(mode="json", exclude={"seed"}),
+            "train": comparable_training(cfg),
             "heldout_rows": heldout_rows, "metric": metric_name, "higher_is_better": cfg.compare.higher_is_better,
             "exact_match_rows": cfg.compare.exact_match, "selection_minutes": selection_minutes,
             "strategies": rows, "cpu_minutes": float(sum(r["cpu_minutes"] for r in rows)),

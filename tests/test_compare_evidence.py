@@ -102,3 +102,14 @@ def test_a_unit_trained_with_gradient_checkpointing_equals_one_without_at_less_m
     print(f"kept for backward: {kept[False] / 2**20:.1f} MiB without, {kept[True] / 2**20:.1f} MiB with checkpointing")
     assert kept[True] < 0.5 * kept[False], kept
     assert on["exact_match"]["rows"] == 2 and 0.0 <= on["exact_match"]["accuracy"] <= 1.0
+
+
+def test_units_with_and_without_checkpointing_stay_comparable(tmp_path, gsm8k):
+    """Checkpointing may be turned on for one unit (full) without invalidating the others; a setting
+    that changes the model may not."""
+    from instructdiff_ray.compare import comparable_training
+
+    off, on = (_unit_config(tmp_path, gsm8k, "smollm2", c) for c in (False, True))
+    assert comparable_training(off) == comparable_training(on)
+    faster = off.model_copy(update={"warmup": off.warmup.model_copy(update={"learning_rate": 1e-2})})
+    assert comparable_training(faster) != comparable_training(off)
