@@ -1,10 +1,11 @@
 """Selection at any N: the pick of selection.select (the same rows in the same order, the same
 stats), found by a distributed search, so that no process holds every score row.
 
-1. Partition. Tasks read groups of score files and split their ok rows by a hash of sample_id
-   into P partitions of about `partition_rows` rows (each split task reads about `split_rows`); one task per partition puts its pieces in
-   file order and keeps the first row of each sample_id (as the in-memory path does). Partitions
-   stay in Ray's object store; this process holds references.
+1. Partition. Tasks read groups of score files (only the columns the search reads, and where
+   each row lies) and split their ok rows by a hash of sample_id into P partitions of about
+   `partition_rows` rows (each split task reads about `split_rows`); one task per partition puts
+   its pieces in file order and keeps the first row of each sample_id (as the in-memory path
+   does). Partitions stay in Ray's object store; this process holds references.
 2. Search. Every cut the method needs (the ⌊γ·n⌋-th row from each end of the ΔNLL order, the
    median a centred key needs, the row where the budget fills, the rows at the stats' quantiles)
    is the first row, in (key, sample_id) order over some rows, at which a running count or token
@@ -13,9 +14,11 @@ stats), found by a distributed search, so that no process holds every score row.
    falls; when it holds at most `fetch_rows` rows they are fetched and the cut found exactly; a
    single key value shared by more rows goes on to the sample_ids' bytes, 8 at a time.
 3. Rank ranges. The same count search finds the first row of each range of at most `range_rows`
-   selected rows; each partition splits its selected rows by range, and one task per range sorts
-   its rows by (key, sample_id) and numbers them from the range's first rank. The ranges stay in
-   the object store; the writer (selection.write_selection) reads them one at a time, in order.
+   selected rows; each partition sends where its selected rows lie, and their range, to the
+   group of score files that holds them; one task per group reads those rows whole from its
+   files and splits them by range; one task per range sorts its rows by (key, sample_id) and
+   numbers them from the range's first rank. The ranges stay in the object store; the writer
+   (selection.write_selection) reads them one at a time, in order.
 
 Keys are uint64 whose unsigned order is the order of the values (strategies.sortable), so a bin
 is an exact range and the search ends.
@@ -52,13 +55,19 @@ def _release() -> None:
     pa.default_memory_pool().release_unused()
 
 
-def _split(files: list[str], parts: int) -> tuple:
-    """A group of score files' ok rows cut into `parts` pieces by a hash of sample_id, and what the
-    stats need of every row (status counts, rows, whether responses were scored alone)."""
+def _split(files: list[str], first: int, parts: int, columns: list[str]) -> tuple:
+    """A group of score files' ok rows (the `columns` the search reads, with `_file`, the file's
+    index among all score files from `first`, and `_row`, the row's in it) cut into `parts`
+    pieces by a hash of sample_id, and what the stats need of every row (status counts, rows,
+    whether responses were scored alone)."""
     import pandas as pd
 
     _release()
-    tables = [rundir.read_score_file(f) for f in files]
+    tables = []
+    for i, path in enumerate(files):
+        t = rundir.read_score_file(path, columns, present_only=True)
+        tables.append(t.append_column("_file", pa.array(np.full(t.num_rows, first + i, np.int32)))
+                      .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int32))))
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     status = table.column("status").cast(pa.string())
     counts = {str(d["values"]): int(d["counts"]) for d in pc.value_counts(status).to_pylist()}
@@ -75,13 +84,15 @@ def _split(files: list[str], parts: int) -> tuple:
 
 @dataclass
 class Partition:
-    """What every round reads of one partition's rows (ok, one per sample_id, in sample_id order):
-    ids, scores, tokens and the strategy's key. The full rows are a separate object that only the
-    final cut reads, so the rounds move a fraction of the bytes."""
+    """What the search reads of one partition's rows (ok, one per sample_id, in sample_id order):
+    ids, scores, tokens, the strategy's key, and where each row lies; the selected rows are read
+    whole from their files only at the end."""
     ids: pa.Array
     dnll: np.ndarray
     dh: np.ndarray
     tokens: np.ndarray  # int32
+    file: np.ndarray  # int32: the row's score file, an index into rundir.score_files
+    row: np.ndarray  # int32: the row's index in that file
     cols: dict[str, Any] = field(default_factory=dict)  # what the strategy's key reads (centred keys only)
     duplicates: int = 0
     skey: np.ndarray | None = None  # the strategy's key, when it needs no global value
@@ -96,9 +107,9 @@ class Partition:
         return sortable(self.dh)[0]
 
 
-def _build(strategy: str, seed: int, *pieces: pa.Table) -> tuple[Partition, pa.Table]:
-    """A partition from its pieces (in file order): first row of each sample_id kept, in id order;
-    what the rounds read, with the strategy's key computed once, and the full rows."""
+def _build(strategy: str, seed: int, *pieces: pa.Table) -> Partition:
+    """A partition from its pieces (in file order): first row of each sample_id kept, in id order,
+    with the strategy's key computed once."""
     from .selection import _by_id
 
     _release()
@@ -118,11 +129,12 @@ def _build(strategy: str, seed: int, *pieces: pa.Table) -> tuple[Partition, pa.T
         cols[name] = derive(cols)
     cols["n_response_tokens"] = table.column("n_response_tokens").to_numpy().astype(np.int64)
     part = Partition(table.column("sample_id").combine_chunks(), cols["delta_nll"], cols["delta_entropy"],
-                     cols["n_response_tokens"].astype(np.int32), cols, duplicates)
+                     cols["n_response_tokens"].astype(np.int32), table.column("_file").to_numpy(),
+                     table.column("_row").to_numpy(), cols, duplicates)
     if not st.center:  # a key that needs no global value: computed once here, its inputs dropped
         part.skey, part.eligible = sortable(st.key(cols, {"seed": float(seed)}), st.descending)
         part.cols = {}
-    return part, table
+    return part
 
 
 # ------------------------------------------------------------------ one partition's answers
@@ -259,19 +271,46 @@ def _round(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], searches:
     return {"answers": [_answer(part, view, s) for s in searches], "aggregates": _aggregates(part, view)}
 
 
-def _cut(part: Partition, table: pa.Table, cfg: SelectionConfig, ctx: dict[str, Any], starts: list[tuple[int, str]]) -> tuple:
-    """A partition's selected rows (with their key, for the ranking) split into the rank ranges that
-    begin at `starts` (the first row of each range after the first)."""
+def _cut(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], starts: list[tuple[int, str]],
+         group_of: np.ndarray) -> tuple:
+    """Where a partition's selected rows lie (`_file`, `_row`), with their key (for the ranking) and
+    their rank range (the ranges begin at `starts`), one piece per group of score files
+    (`group_of`: each file's group)."""
     _release()
     view = _view(part, cfg, ctx)
     rows = np.flatnonzero(view["chosen"])
     keys = view["ranked"][1][rows]
-    ids = part.ids.take(pa.array(rows))
-    rank_range = np.zeros(len(rows), dtype=np.int64)
-    for start in starts:
-        rank_range += ~_before(keys, ids, start, inclusive=False)
-    table = table.take(pa.array(rows)).append_column("_key", pa.array(keys))
-    out = tuple(table.filter(pa.array(rank_range == r)) for r in range(len(starts) + 1))
+    rank_range = np.zeros(len(rows), dtype=np.int32)
+    if starts:
+        ids = part.ids.take(pa.array(rows))
+        for start in starts:
+            rank_range += ~_before(keys, ids, start, inclusive=False)
+    files = part.file[rows]
+    group = group_of[files]
+    picks = pa.table({"_file": files, "_row": part.row[rows], "_key": keys, "_range": rank_range})
+    out = tuple(picks.filter(pa.array(group == g)) for g in range(int(group_of.max()) + 1))
+    return out if len(out) > 1 else out[0]
+
+
+def _fetch(files: list[str], first: int, ranges: int, *pieces: pa.Table) -> tuple:
+    """The selected rows of a group of score files, read whole, with their key, split by rank range."""
+    _release()
+    picks = pa.concat_tables(list(pieces))
+    at = picks.column("_file").to_numpy()
+    tables = []
+    for i, path in enumerate(files):
+        mine = np.flatnonzero(at == first + i)
+        if len(mine):
+            sub = picks.take(pa.array(mine))
+            rows = rundir.read_score_file(path).take(sub.column("_row"))
+            tables.append(rows.append_column("_key", sub.column("_key")).append_column("_range", sub.column("_range")))
+    if not tables:  # no selected row here: empty, with the files' columns
+        empty = rundir.read_score_file(files[0]).slice(0, 0)
+        tables = [empty.append_column("_key", pa.array([], pa.uint64())).append_column("_range", pa.array([], pa.int32()))]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    rank_range = table.column("_range").to_numpy()
+    table = table.drop_columns(["_range"])
+    out = tuple(table.filter(pa.array(rank_range == r)) for r in range(ranges))
     return out if len(out) > 1 else out[0]
 
 
@@ -439,15 +478,23 @@ def _range_starts(chosen: int, range_rows: int) -> tuple[int, list[Search]]:
     return per, [Search("chosen_ranked", "count", r * per + 1) for r in range(1, ranges)]
 
 
-def _ranked_parts(runner: _Runner, tables: list[Any], ctx: dict[str, Any], chosen: int, per: int,
+def _ranked_parts(runner: _Runner, groups: list[list[str]], ctx: dict[str, Any], chosen: int, per: int,
                   cuts: list[tuple[int, str]]) -> tuple[list[Any], pa.Schema, list[str]]:
     """The selected rows as consecutive rank ranges of `per` rows (the last fewer) beginning at
-    `cuts`, each sorted by a task, in the object store: no process holds more than one range."""
+    `cuts`, each sorted by a task, in the object store: no process holds more than one range, and
+    only the selected rows are read whole, once, by the group of files that holds them."""
     import ray
 
     ranges = len(cuts) + 1
-    cut = ray.remote(num_cpus=1, max_retries=2, num_returns=ranges)(_cut)
-    pieces = [cut.remote(p, t, runner.cfg, ctx, cuts) for p, t in zip(runner.parts, tables)]
+    firsts = np.cumsum([0] + [len(g) for g in groups])
+    group_of = np.repeat(np.arange(len(groups), dtype=np.int32), [len(g) for g in groups])
+    cut = ray.remote(num_cpus=1, max_retries=2, num_returns=len(groups))(_cut)
+    picks = [cut.remote(p, runner.cfg, ctx, cuts, group_of) for p in runner.parts]
+    if len(groups) == 1:
+        picks = [[p] for p in picks]
+    fetch = ray.remote(num_cpus=1, max_retries=2, num_returns=ranges)(_fetch)
+    pieces = [fetch.remote(files, int(firsts[g]), ranges, *[p[g] for p in picks]) for g, files in enumerate(groups)]
+    del picks
     if ranges == 1:
         pieces = [[p] for p in pieces]
     rank = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(_rank)
@@ -478,8 +525,11 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
     rows = file_rows if file_rows is not None else count_rows(files)
     groups = _groups(files, rows, split_rows)  # each split task reads about split_rows rows
     n_parts = max(1, -(-sum(rows) // partition_rows))
+    columns = list(dict.fromkeys(["sample_id", "status", "n_response_tokens", "delta_nll", "delta_entropy", ALONE,
+                                  *strategy.columns]))
+    firsts = np.cumsum([0] + [len(g) for g in groups])
     split = ray.remote(num_cpus=1, max_retries=2, num_returns=n_parts + 1)(_split)
-    pieces = [split.remote(g, n_parts) for g in groups]
+    pieces = [split.remote(g, int(firsts[i]), n_parts, columns) for i, g in enumerate(groups)]
     info = ray.get([p[-1] for p in pieces])
     counts: dict[str, int] = {}
     for i in info:
@@ -487,9 +537,8 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
             counts[k] = counts.get(k, 0) + v
     if strategy.needs_alone and not any(i["alone"] for i in info):
         raise ValueError(f"strategy {cfg.strategy} needs the responses scored alone: score with template.ifd: true")
-    build = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(_build)
-    built = [build.remote(cfg.strategy, cfg.seed, *[p[j] for p in pieces]) for j in range(n_parts)]
-    parts, tables = [b[0] for b in built], [b[1] for b in built]
+    build = ray.remote(num_cpus=1, max_retries=2)(_build)
+    parts = [build.remote(cfg.strategy, cfg.seed, *[p[j] for p in pieces]) for j in range(n_parts)]
     del pieces  # each piece is freed once its partition is built
     runner = _Runner(parts, cfg, fetch_rows)
     ctx: dict[str, Any] = {}
@@ -528,7 +577,7 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
     per, starts = _range_starts(agg["chosen"], range_rows)  # searched in the same rounds as the quantiles
     runner.run(ctx, [s for name, plan in plans.items() if agg[f"n_{name}"] for _, a, b in plan for s in (a, b)] + starts)
     q = {name: _quantiles(plan, agg[f"n_{name}"]) for name, plan in plans.items()}
-    ranges, schema, sources = _ranked_parts(runner, tables, ctx, agg["chosen"], per, [s.answer for s in starts])
+    ranges, schema, sources = _ranked_parts(runner, groups, ctx, agg["chosen"], per, [s.answer for s in starts])
     stats = {
         "strategy": cfg.strategy,
         "rows_total": sum(i["rows"] for i in info),
