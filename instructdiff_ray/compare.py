@@ -161,11 +161,10 @@ def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) ->
     compare/selections/ (run as a task: it reads every score row, or above
     ray.select_in_memory_rows, runs the distributed search once per pick, as the run's selection does)."""
     from .config import SelectionConfig
-    from .selection import load_scores, select, write_selection
-    from .selection_search import count_rows, search_select
+    from .selection import write_selection
+    from .selection_search import ScoresSelector
 
-    file_rows = count_rows(rundir.score_files(scores_dir))
-    table = load_scores(scores_dir) if sum(file_rows) <= cfg.ray.select_in_memory_rows else None
+    pick = ScoresSelector(scores_dir, cfg.ray.select_in_memory_rows)
     out: dict[str, dict[str, Any]] = {}
     for key, seed in units:
         strategy, budget_unit = parse_key(cfg, key)
@@ -176,8 +175,7 @@ def plan_units(cfg: RunConfig, scores_dir: str, units: list[tuple[str, int]]) ->
         sel_dir = rundir.compare_selection_dir(cfg.out, name)
         commit = rundir.committed_selection(sel_dir)
         if commit is None:
-            scfg = SelectionConfig(**settings)
-            sel = select(table, scfg) if table is not None else search_select(scores_dir, scfg, file_rows=file_rows)
+            sel = pick(SelectionConfig(**settings))
             paths, stats = write_selection(sel, sel_dir, export="never"), sel.stats
         else:
             paths, stats = commit["paths"], rundir.read_json(commit["paths"]["stats"])
@@ -426,7 +424,7 @@ def summarize(cfg: RunConfig, units: list[dict[str, Any]], heldout_rows: int,
                "metric_mean": m_mean, "metric_std": m_std, "metric_ci": [m_lo, m_hi] if m_lo is not None else None,
                "exact_match_mean": em_mean, "exact_match_ci": [em_lo, em_hi] if em_lo is not None else None,
                "train_seconds": float(np.mean([u["train_seconds"] for u in us])),
-               "peak_rss_mb": max((u.get("peak_rss_mb") or 0.0 for u in us), default=0.0) or None,
+               "peak_rss_mb": max((u["peak_rss_mb"] for u in us if u.get("peak_rss_mb")), default=None),
                # device-minutes: GPUs held on a GPU cluster, else CPUs (units before `devices` was recorded: CPUs)
                "cpu_minutes": float(sum((u["train_seconds"] + u["eval_seconds"]) * u.get("devices", u["cpus"]) for u in us) / 60)}
         # paired with random at the same budget unit and seed (full, at every row: with random at the run's unit)

@@ -66,10 +66,6 @@ class Selection:
         """Every selected row in one table (gathered from the parts when held as parts)."""
         return self.rows if self.rows is not None else pa.concat_tables(list(self.batches()))
 
-    def columns(self, names: list[str]) -> pa.Table:
-        """Some columns of every selected row, in rank order."""
-        return pa.concat_tables([t.select(names) for t in self.batches()])
-
     def source_files(self) -> list[str]:
         if self.sources is not None:
             return self.sources
@@ -304,7 +300,7 @@ def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", e
     if previous and previous.get("paths", {}).get("data"):  # records of another format must not linger beside the new ones
         rundir.clear_dir(previous["paths"]["data"])
     paths = rundir.selection_paths(out_dir)
-    _write_rows(sel, paths)
+    located = _write_rows(sel, paths)
     rundir.write_json(paths["stats"], sel.stats, indent=2)
     kill_point("selection.between_files")
     if export == "never":
@@ -314,21 +310,25 @@ def write_selection(sel: Selection, out_dir: str, output_format: str = "auto", e
                     "selection.parquet and stats, not the records (run `select` where the corpus is, or --export always)",
                     len(missing), missing[0])
     else:
-        paths["data"], _ = export_selection(sel.columns(["source_file", "source_row", "rank"]), plan, out_dir, choose_format(sources, output_format))
+        paths["data"], _ = export_selection(located, plan, out_dir, choose_format(sources, output_format))
     rundir.commit_selection(out_dir, paths, sel.stats, fingerprint)
     return paths
 
 
-def _write_rows(sel: Selection, paths: dict[str, str]) -> None:
-    """selected_ids.txt and selection.parquet, streamed one rank range at a time."""
+def _write_rows(sel: Selection, paths: dict[str, str]) -> pa.Table:
+    """selected_ids.txt and selection.parquet, streamed one rank range at a time; returns where each
+    selected row came from (source_file, source_row, rank), which the export reads, from the same pass."""
+    located = []
     with rundir.open_atomic(paths["ids"], "wb") as ids, rundir.open_atomic(paths["scores"], "wb") as scores:
         writer = None
         for table in sel.batches():
             ids.write("".join(f"{sid}\n" for sid in table.column("sample_id").to_pylist()).encode())
             writer = writer or pq.ParquetWriter(scores, table.schema)
             writer.write_table(table)
+            located.append(table.select(["source_file", "source_row", "rank"]))
         if writer is not None:
             writer.close()
+    return pa.concat_tables(located)
 
 
 def scores_plan(scores_dir: str) -> list[Shard] | None:

@@ -439,8 +439,8 @@ def _quantiles(plan: list[tuple[float, Search, Search]], m: int) -> dict[str, fl
             for q, a, b in plan}
 
 
-def _row_counts(files: list[str]) -> list[int]:
-    """Rows per score file, from the Parquet footers."""
+def _footer_rows(files: list[str]) -> list[int]:
+    """Rows per score file, from the Parquet footers (one task's share of count_rows)."""
     out = []
     for path in files:
         fs, p = rundir.fs_of(path)
@@ -454,7 +454,7 @@ def count_rows(files: list[str]) -> list[int]:
     from .runtime import map_tasks
 
     groups = [(files[i : i + 256],) for i in range(0, len(files), 256)]
-    return [n for part in map_tasks(_row_counts, groups, num_cpus=0.25) for n in part]
+    return [n for part in map_tasks(_footer_rows, groups, num_cpus=0.25) for n in part]
 
 
 def _groups(files: list[str], rows: list[int], most: int) -> list[list[str]]:
@@ -601,18 +601,32 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
                      sources=sources)
 
 
+class ScoresSelector:
+    """Picks from one scores directory for any number of selection settings, reading what they
+    share once: in one process up to `in_memory_rows` score rows (the fastest; the table is loaded
+    at the first pick), else by the distributed search (the same rows and stats, bounded memory per
+    task; attaches to Ray, or starts a local one, when not attached)."""
+
+    def __init__(self, scores_dir: str, in_memory_rows: int):
+        self.scores_dir = scores_dir
+        self.file_rows = count_rows(rundir.score_files(scores_dir))
+        self.in_memory = sum(self.file_rows) <= in_memory_rows
+        self._table: pa.Table | None = None
+
+    def __call__(self, cfg: SelectionConfig):
+        import ray
+
+        from .selection import load_scores, select
+
+        if self.in_memory:
+            if self._table is None:
+                self._table = load_scores(self.scores_dir)
+            return select(self._table, cfg)
+        if not ray.is_initialized():
+            ray.init(logging_level="ERROR")
+        return search_select(self.scores_dir, cfg, file_rows=self.file_rows)
+
+
 def select_scores(scores_dir: str, cfg: SelectionConfig, in_memory_rows: int):
-    """The selection of a scores directory: in one process up to `in_memory_rows` score rows (the
-    fastest), else by the distributed search (the same rows and stats, bounded memory per task;
-    attaches to Ray, or starts a local one, when not attached)."""
-    import ray
-
-    from .selection import load_scores, select
-
-    files = rundir.score_files(scores_dir)
-    rows = count_rows(files)
-    if sum(rows) <= in_memory_rows:
-        return select(load_scores(scores_dir), cfg)
-    if not ray.is_initialized():
-        ray.init(logging_level="ERROR")
-    return search_select(scores_dir, cfg, file_rows=rows)
+    """The selection of a scores directory (ScoresSelector, for one pick)."""
+    return ScoresSelector(scores_dir, in_memory_rows)(cfg)

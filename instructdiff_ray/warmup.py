@@ -134,9 +134,11 @@ def _count_and_digest(samples: SampleSet) -> tuple[int, str]:
     return count_and_digest(samples.resolve())
 
 
-def selection_picks(selection_parquet: str, shards: list[Shard], cap: int | None, seed: int) -> list[dict[int, np.ndarray]]:
+def selection_picks(selection_parquet: str, shards: list[Shard], cap: int | None, seed: int) -> tuple:
     """The rows of a selection (its source_file / source_row), as source rows per shard, one dict
-    per read unit in plan order; a seeded uniform subset of `cap` rows when it has more."""
+    per read unit in plan order (a seeded uniform subset of `cap` rows when it has more), then a
+    list of whether each unit holds any (run as a task, only that list comes back: a unit without
+    rows starts no read task)."""
     with fsspec.open(selection_parquet, "rb") as f:
         t = pq.read_table(f, columns=["source_file", "source_row"])
     files = t.column("source_file")
@@ -145,12 +147,7 @@ def selection_picks(selection_parquet: str, shards: list[Shard], cap: int | None
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=cap, replace=False))
         files, rows = files.take(pa.array(keep)), rows[keep]
     by_shard = rows_by_shard(shards, files, rows)
-    return [{s.shard_id: rows[by_shard[s.shard_id]] for s in unit if s.shard_id in by_shard} for unit in read_units(shards)]
-
-
-def _picks_and_held(selection_parquet: str, shards: list[Shard], cap: int | None, seed: int) -> tuple:
-    """Task: selection_picks, then whether each read unit holds any of the rows (no task for one that does not)."""
-    picks = selection_picks(selection_parquet, shards, cap, seed)
+    picks = [{s.shard_id: rows[by_shard[s.shard_id]] for s in unit if s.shard_id in by_shard} for unit in read_units(shards)]
     return (*picks, [bool(p) for p in picks])
 
 
@@ -172,12 +169,11 @@ def collect(cfg: RunConfig, shards: list[Shard], draw: Draw | None = None, selec
     else:
         seed = cfg.warmup.seed
         if ray.is_initialized():  # the split stays in the object store; only which units hold rows comes back
-            task = ray.remote(num_cpus=1, max_retries=1, num_returns=len(units) + 1)(_picks_and_held)
+            task = ray.remote(num_cpus=1, max_retries=1, num_returns=len(units) + 1)(selection_picks)
             refs = task.remote(selection, shards, cap, seed)
             picks, held = list(refs[:-1]), ray.get(refs[-1])
         else:
-            picks = selection_picks(selection, shards, cap, seed)
-            held = [bool(p) for p in picks]
+            *picks, held = selection_picks(selection, shards, cap, seed)
         jobs = [(cfg.data, u, p, None) for u, p, h in zip(units, picks, held) if h]
     if not ray.is_initialized():
         return SampleSet(map_tasks(_collect_unit, jobs))
