@@ -306,11 +306,7 @@ def compare_run(cfg: RunConfig) -> dict[str, Any]:
     if overlap:
         raise ConfigError(f"{len(overlap)} of {len(heldout)} held-out rows are also in the pool (first: {overlap[0]}); "
                           "a held-out set must not share a sample with what the models train on (see compare.eval_skip)")
-    stage, fp = rundir.compare_stage(cfg.out), fingerprint(cfg, scores_dir, heldout)
-    recorded = ((rundir.read_record(stage.path(stage.kind.record)) or {}).get("fingerprint") or {}).get("train") or {}
-    if "gradient_checkpointing" in recorded:  # recorded before it left the fingerprint: the same comparison
-        fp = {**fp, "train": {**fp["train"], "gradient_checkpointing": recorded["gradient_checkpointing"]}}
-    stage.open(fp, replace=False)
+    rundir.compare_stage(cfg.out).open(fingerprint(cfg, scores_dir, heldout), replace=False)
     wanted = [(k, seed) for k in compared_keys(cfg) for seed in (c.full_seeds if k == FULL and c.full_seeds else c.seeds)]
     plans = remote_call(plan_units, cfg, scores_dir, wanted)
     names = [BASE_UNIT, *plans]

@@ -244,6 +244,20 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Settings that earlier versions recorded in fingerprints and that do not decide what a stage holds
+# (gradient checkpointing trains the same weights): ignored where an old record still has them.
+RETIRED_KEYS = (("warmup", "gradient_checkpointing"), ("train", "gradient_checkpointing"))
+
+
+def without_retired(fp: dict[str, Any]) -> dict[str, Any]:
+    """`fp` without the RETIRED_KEYS it holds."""
+    out = dict(fp)
+    for parent, key in RETIRED_KEYS:
+        if isinstance(out.get(parent), dict) and key in out[parent]:
+            out[parent] = {k: v for k, v in out[parent].items() if k != key}
+    return out
+
+
 def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Top-level keys (and `key.sub` for nested dicts) whose values differ."""
     out = []
@@ -614,7 +628,7 @@ class Stage:
     @staticmethod
     def differs(record: dict[str, Any], fp: dict[str, Any], extra: dict[str, Any] | None = None) -> list[str]:
         """What differs between a record already read and `fp` (and the `extra` values)."""
-        old = record.get("fingerprint") or {}
+        old = without_retired(record.get("fingerprint") or {})
         diffs = differing_keys(old, fp) if digest(old) != digest(fp) else []
         return diffs + [key for key, value in (extra or {}).items() if record.get(key) != value]
 

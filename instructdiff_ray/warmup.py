@@ -415,12 +415,13 @@ def _save(model, tok, out_dir: str, history: list[dict[str, Any]], lora: bool) -
 
 
 def warmup_fingerprint(cfg: RunConfig, base: str, rows: tuple[int, str]) -> dict[str, Any]:
-    """What decides the warmup weights: base model (pinned spec), settings, template, and the rows trained on."""
+    """What decides the warmup weights: base model (pinned spec), settings (not gradient checkpointing,
+    which trains the same weights), template, and the rows trained on."""
     from .models import identity
 
     return {
         "base_model": identity(base),
-        "warmup": cfg.warmup.model_dump(mode="json"),
+        "warmup": cfg.warmup.model_dump(mode="json", exclude={"gradient_checkpointing"}),
         "template": cfg.template.model_dump(mode="json"),
         "dtype": cfg.model.dtype,
         "rows": {"count": rows[0], "sha256": rows[1]},

@@ -89,7 +89,8 @@ def test_table_in_summary_report_and_run_summary(compared):
 
 def test_killed_compare_resumes_computing_only_missing_units(compared, tiny_model, gsm8k):
     """Adding a seed makes 2 new units (full keeps its seeds); the driver is killed as one of them finishes; the rerun
-    computes exactly the units without markers, and reuses the killed unit's trained model."""
+    (with gradient checkpointing turned on, which leaves units comparable) computes exactly the units without
+    markers, and reuses the killed unit's trained model."""
     from test_faults import _run_cli
 
     run, _ = compared
@@ -107,6 +108,12 @@ def test_killed_compare_resumes_computing_only_missing_units(compared, tiny_mode
     marked = {p.parent.relative_to(run / "compare" / "units").as_posix()
               for p in (run / "compare" / "units").rglob("_UNIT_DONE.json")}
     assert "random/seed-2" not in marked and set(before) <= marked
+    # a record from before checkpointing left the fingerprint still matches; turning it on reuses every finished unit
+    record = run / "compare" / "_compare.json"
+    recorded = json.loads(record.read_text())
+    recorded["fingerprint"]["train"]["gradient_checkpointing"] = False
+    record.write_text(json.dumps(recorded))
+    args += ["--set", "compare.train.gradient_checkpointing=true"]
     rc, err = _run_cli(args, tag + "-resumed")  # the killed driver's lease (this host, process gone) is taken at once
     assert rc == 0, err[-3000:]
     table = _table(run)

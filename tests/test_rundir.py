@@ -219,6 +219,25 @@ def test_a_stage_that_finishes_at_once_is_reused_refused_or_replaced(where, tmp_
     assert stage.done() is None
 
 
+def test_a_record_holding_a_retired_setting_still_matches(tmp_path):
+    """A warmup trained before gradient checkpointing left its fingerprint is reused whatever the
+    setting is now; every other setting still decides."""
+    from instructdiff_ray.config import build_config
+    from instructdiff_ray.rundir import FingerprintMismatch, Stage
+    from instructdiff_ray.warmup import warmup_fingerprint
+
+    cfg = build_config({"out": str(tmp_path / "run"), "data": {"paths": [str(tmp_path)]}, "model": {"base": "smollm2"}})
+    fp = warmup_fingerprint(cfg, "smollm2", (10, "abc"))
+    assert "gradient_checkpointing" not in fp["warmup"]
+    stage = Stage("warmup", str(tmp_path / "warmup"))
+    stage.finish({"result": 1}, {**fp, "warmup": {**fp["warmup"], "gradient_checkpointing": True}})  # as recorded before
+    on = cfg.model_copy(update={"warmup": cfg.warmup.model_copy(update={"gradient_checkpointing": True})})
+    assert warmup_fingerprint(on, "smollm2", (10, "abc")) == fp
+    assert stage.open(fp, replace=False) == [] and stage.done()["result"] == 1
+    with pytest.raises(FingerprintMismatch, match="warmup.learning_rate"):
+        stage.open({**fp, "warmup": {**fp["warmup"], "learning_rate": 1.0}}, replace=False)
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_stage_with_items_records_its_fingerprint_first_and_keeps_finished_items(where, tmp_path, request, caplog):
     """Scores-like stage: manifest first, item markers, unreadable markers absent, an unreadable
