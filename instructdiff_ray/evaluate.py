@@ -1,5 +1,5 @@
 """A built-in domain metric for `compare`: exact match of the final numeric answer, GSM8K style
-(the number after the last `####`, else the last number in the text), with greedy decoding from
+(the number after the first `####`, else the last number in the text), with greedy decoding from
 the same template the model was trained with. No code to write: `compare.exact_match: N` scores
 the first N held-out rows."""
 
@@ -17,9 +17,11 @@ BATCH = 8
 
 
 def final_answer(text: str) -> str | None:
-    """The answer a GSM8K-style text ends with, normalised (`1,234.50` -> `1234.5`, `$42` -> `42`), or None."""
+    """The answer a GSM8K-style text gives, normalised (`1,234.50` -> `1234.5`, `$42` -> `42`), or None:
+    the number after the first `####` (a model that goes on past its answer, repeating the marker
+    until the token limit, is judged by the answer it gave first), else the last number."""
     marked = MARKER in text
-    numbers = NUMBER.findall(text.rsplit(MARKER, 1)[1] if marked else text)
+    numbers = NUMBER.findall(text.split(MARKER, 1)[1] if marked else text)
     if not numbers:
         return None
     raw = (numbers[0] if marked else numbers[-1]).replace(",", "").replace("$", "")

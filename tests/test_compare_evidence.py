@@ -49,6 +49,7 @@ def test_paired_bootstrap_carries_the_seed_to_seed_variation():
     ("#### -3.50", "-3.5"),
     ("First 5, then 7 #### 12 (checked: 12)", "12"),
     ("#### $1,000.00", "1000"),
+    ("= $23.50.\n#### 23.50\n#### 23.50\n#### 2", "23.5"),  # repeated until the token limit cut it
     ("no number here", None),
 ])
 def test_final_answer_of_gsm8k_style_texts(text, answer):
