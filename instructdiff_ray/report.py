@@ -491,7 +491,9 @@ def comparison_markdown(table: dict[str, Any]) -> str:
 
 
 def comparison_plot(table: dict[str, Any]) -> bytes:
-    """Held-out NLL per strategy (bars: mean over seeds, whiskers: std, dots: seeds)."""
+    """Held-out NLL per strategy (bars: mean over seeds, whiskers: 95% interval, dots: seeds) and,
+    beside it, each model's NLL against what it cost: fine-tuning and evaluating one seed, plus the
+    selection's warmup and scoring for the picks that need scores (not random, full or base)."""
     import io
 
     import matplotlib
@@ -501,20 +503,38 @@ def comparison_plot(table: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     rows = table["strategies"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    base = [r["strategy"] == rundir.BASE_UNIT for r in rows]
+    low = [r["nll_mean"] - (r["nll_ci"] or [r["nll_mean"]] * 2)[0] for r in rows]
+    high = [(r["nll_ci"] or [r["nll_mean"]] * 2)[1] - r["nll_mean"] for r in rows]
+    fig, (ax, cost_ax) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     x = np.arange(len(rows))
-    ax.bar(x, [r["nll_mean"] for r in rows], yerr=[r["nll_std"] or 0 for r in rows], capsize=4,
-           color=["#999" if r["strategy"] == rundir.BASE_UNIT else "#4477aa" for r in rows])
+    colors = ["#999" if b else "#4477aa" for b in base]
+    ax.bar(x, [r["nll_mean"] for r in rows], yerr=[low, high], capsize=4, color=colors)
     for i, r in enumerate(rows):
-        seeds = [table["units"][rundir.BASE_UNIT if r["strategy"] == rundir.BASE_UNIT else rundir.unit_name(r["strategy"], s)]["heldout"]["nll"]
-                 for s in (r["seeds"] if r["strategy"] != rundir.BASE_UNIT else [None])]
+        seeds = [table["units"][rundir.BASE_UNIT if base[i] else rundir.unit_name(r["strategy"], s)]["heldout"]["nll"]
+                 for s in (r["seeds"] if not base[i] else [None])]
         ax.plot([i] * len(seeds), seeds, "k.", ms=4)
-    lo = min(r["nll_mean"] - (r["nll_std"] or 0) for r in rows)
-    hi = max(r["nll_mean"] + (r["nll_std"] or 0) for r in rows)
+    lo = min(r["nll_mean"] - d for r, d in zip(rows, low))
+    hi = max(r["nll_mean"] + d for r, d in zip(rows, high))
     ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
-    ax.set_xticks(x, [r["strategy"] for r in rows], rotation=20)
+    ax.set_xticks(x, [r["strategy"] for r in rows], rotation=25, ha="right")
     ax.set_ylabel("held-out response NLL (nats)")
-    ax.set_title(f"fine-tuned on each strategy's pick ({table['heldout_rows']} held-out rows)")
+    ax.set_title(f"fine-tuned on each strategy's pick ({table['heldout_rows']} held-out rows, 95% CI)")
+    selecting = table.get("selection_minutes") or 0.0
+    for i, r in enumerate(rows):
+        own = r["cpu_minutes"] / max(1, len(r["seeds"]) if not base[i] else 1)
+        scored = not base[i] and r["strategy"].split("@")[0] not in ("random", "full")
+        cost_ax.errorbar(own + (selecting if scored else 0.0), r["nll_mean"], yerr=[[low[i]], [high[i]]], fmt="o",
+                         color=colors[i], capsize=3)
+        cost_ax.annotate(r["strategy"], (own + (selecting if scored else 0.0), r["nll_mean"]), fontsize=7,
+                         xytext=(4, 2), textcoords="offset points")
+    if selecting:
+        cost_ax.axvline(selecting, color="#cc6677", ls="--", lw=1)
+        cost_ax.annotate("selection cost", (selecting, cost_ax.get_ylim()[1]), fontsize=7, color="#cc6677",
+                         xytext=(3, -10), textcoords="offset points")
+    cost_ax.set_xlabel("device-minutes per model (selection included where it needs scores)")
+    cost_ax.set_ylabel("held-out response NLL (nats)")
+    cost_ax.set_title("benefit against cost")
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
