@@ -13,6 +13,7 @@ from .corpus import Sample
 
 NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 MARKER = "####"
+ANSWERED = re.compile(r"####[^\n]*\d[^\n]*\n")  # a marked answer whose line has ended: nothing after it counts
 BATCH = 8
 
 
@@ -38,8 +39,23 @@ def exact_match(predictions: list[str], references: list[str]) -> list[bool]:
     return out
 
 
+def answered(tok, start: int):
+    """A stopping criterion: a row stops once its continuation (tokens from `start`) holds a marked
+    answer whose line has ended, since final_answer reads nothing after it."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Answered(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tok.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([bool(ANSWERED.search(t)) for t in texts], device=input_ids.device)
+
+    return Answered()
+
+
 def generate(model_dir: str, samples: list[Sample], cfg: RunConfig, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of each sample's prompt (left-padded batches)."""
+    """Greedy continuations of each sample's prompt (left-padded batches), each stopped at
+    `max_new_tokens` or once its marked answer's line ends."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -58,8 +74,10 @@ def generate(model_dir: str, samples: list[Sample], cfg: RunConfig, max_new_toke
         for k in range(0, len(todo), BATCH):
             batch = todo[k : k + BATCH]
             enc = tok([p[0] for _, p in batch], return_tensors="pt", padding=True, add_special_tokens=batch[0][1][1])
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-            for (i, _), row in zip(batch, gen[:, enc["input_ids"].shape[1]:]):
+            start = enc["input_ids"].shape[1]
+            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 stopping_criteria=[answered(tok, start)])
+            for (i, _), row in zip(batch, gen[:, start:]):
                 out[i] = tok.decode(row, skip_special_tokens=True)
     return out
 

@@ -62,6 +62,20 @@ def test_exact_match_compares_final_answers():
     assert exact_match(preds, refs) == [True, True, True, False]
 
 
+def test_generation_stops_a_row_once_its_marked_answer_line_ends(tiny_model):
+    """Rows of a batch stop on their own: after `#### N` and its newline, not before, and never
+    without a marker (whose answer is the last number, so every token may matter)."""
+    from instructdiff_ray.evaluate import answered
+    from instructdiff_ray.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    prompt = "Question: 2 + 2?\nAnswer:"
+    rows = [" so 2 + 2 = 4.\n#### 4\n", " so 2 + 2 = 4.\n#### 4", " 4\n5\n", " ####\n4\n"]
+    enc = tok([prompt + r for r in rows], return_tensors="pt", padding=True)
+    start = len(tok(prompt)["input_ids"])
+    assert answered(tok, start)(enc["input_ids"], None).tolist() == [True, False, False, False]
+
+
 def _unit_config(tmp, gsm8k, base, checkpointing):
     from instructdiff_ray.config import build_config
 
