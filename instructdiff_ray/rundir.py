@@ -806,17 +806,28 @@ def score_files(scores_dir: str) -> list[str]:
     return [prefix + p for p in sorted(fs.glob(join(root, "*.parquet")))]
 
 
-def read_score_file(path: str, columns: list[str] | None = None, present_only: bool = False):
-    """One score file (or some of its columns; `present_only`: those of them it has), its repetitive
-    strings dictionary-encoded so that millions of rows stay small."""
+DICTIONARY_COLUMNS = ["source_file", "status", "reason"]  # repetitive strings, read dictionary-encoded
+
+
+def read_score_file(path: str, columns: list[str] | None = None):
+    """One score file (or some of its columns), its repetitive strings dictionary-encoded so that
+    millions of rows stay small."""
     import pyarrow.parquet as pq
 
     fs, p = fs_of(path)
     with fs.open(p, "rb") as f:
-        if columns is not None and present_only:
-            names = pq.ParquetFile(f).schema_arrow.names
-            columns = [c for c in columns if c in names]
-        return pq.read_table(f, columns=columns, read_dictionary=["source_file", "status", "reason"])
+        return pq.read_table(f, columns=columns, read_dictionary=DICTIONARY_COLUMNS)
+
+
+def score_schema(footer):
+    """The schema read_score_file gives a file whose Parquet footer has schema `footer`."""
+    import pyarrow as pa
+
+    for name in DICTIONARY_COLUMNS:
+        if name in footer.names:
+            i = footer.get_field_index(name)
+            footer = footer.set(i, pa.field(name, pa.dictionary(pa.int32(), footer.field(i).type)))
+    return footer
 
 
 def unmarked_shard_files(scores_dir: str, done: set[int]) -> list[str]:

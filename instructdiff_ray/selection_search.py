@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 BINS = 4096
 U64 = np.uint64
+PICK_BYTES = 28  # a selected row's address sent to its files: file, row, key, rank range, id hash
 
 
 # ------------------------------------------------------------------ partitions
@@ -59,13 +60,17 @@ def _split(files: list[str], first: int, parts: int, columns: list[str]) -> tupl
     """A group of score files' ok rows (the `columns` the search reads, with `_file`, the file's
     index among all score files from `first`, and `_row`, the row's in it) cut into `parts`
     pieces by a hash of sample_id, and what the stats need of every row (status counts, rows,
-    whether responses were scored alone)."""
+    whether responses were scored alone, each file's schema as read whole)."""
     import pandas as pd
 
     _release()
-    tables = []
+    tables, schemas = [], []
     for i, path in enumerate(files):
-        t = rundir.read_score_file(path, columns, present_only=True)
+        fs, p = rundir.fs_of(path)
+        with fs.open(p, "rb") as f:
+            schemas.append(rundir.score_schema(pq.ParquetFile(f).schema_arrow))
+            t = pq.read_table(f, columns=[c for c in columns if c in schemas[-1].names],
+                              read_dictionary=rundir.DICTIONARY_COLUMNS)
         tables.append(t.append_column("_file", pa.array(np.full(t.num_rows, first + i, np.int32)))
                       .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int32))))
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
@@ -79,7 +84,7 @@ def _split(files: list[str], first: int, parts: int, columns: list[str]) -> tupl
     ok = ok.take(pa.array(order))
     bounds = np.searchsorted(bucket[order], np.arange(parts + 1))
     pieces = [ok.slice(int(bounds[p]), int(bounds[p + 1] - bounds[p])) for p in range(parts)]
-    return (*pieces, {"rows": table.num_rows, "status": counts, "alone": alone})
+    return (*pieces, {"rows": table.num_rows, "status": counts, "alone": alone, "schemas": schemas})
 
 
 @dataclass
@@ -271,42 +276,55 @@ def _round(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], searches:
     return {"answers": [_answer(part, view, s) for s in searches], "aggregates": _aggregates(part, view)}
 
 
+def _id_hash(ids: pa.Array) -> np.ndarray:
+    import pandas as pd
+
+    return pd.util.hash_array(ids.to_numpy(zero_copy_only=False).astype(object), categorize=False)
+
+
 def _cut(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], starts: list[tuple[int, str]],
-         group_of: np.ndarray) -> tuple:
-    """Where a partition's selected rows lie (`_file`, `_row`), with their key (for the ranking) and
-    their rank range (the ranges begin at `starts`), one piece per group of score files
-    (`group_of`: each file's group)."""
+         bucket_of: np.ndarray, buckets: int) -> tuple:
+    """Where a partition's selected rows lie (`_file`, `_row`), with their key (for the ranking),
+    their rank range (the ranges begin at `starts`) and a hash of their sample_id (to check the row
+    read back is the same), one piece per bucket of score files (`bucket_of`: each file's bucket)."""
     _release()
     view = _view(part, cfg, ctx)
     rows = np.flatnonzero(view["chosen"])
     keys = view["ranked"][1][rows]
+    ids = part.ids.take(pa.array(rows))
     rank_range = np.zeros(len(rows), dtype=np.int32)
-    if starts:
-        ids = part.ids.take(pa.array(rows))
-        for start in starts:
-            rank_range += ~_before(keys, ids, start, inclusive=False)
-    files = part.file[rows]
-    group = group_of[files]
-    picks = pa.table({"_file": files, "_row": part.row[rows], "_key": keys, "_range": rank_range})
-    out = tuple(picks.filter(pa.array(group == g)) for g in range(int(group_of.max()) + 1))
+    for start in starts:
+        rank_range += ~_before(keys, ids, start, inclusive=False)
+    bucket = bucket_of[part.file[rows]]
+    order = np.argsort(bucket, kind="stable")
+    picks = pa.table({"_file": part.file[rows], "_row": part.row[rows], "_key": keys, "_range": rank_range,
+                      "_hash": _id_hash(ids)}).take(pa.array(order))
+    bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
+    out = tuple(picks.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])) for b in range(buckets))
     return out if len(out) > 1 else out[0]
 
 
 def _fetch(files: list[str], first: int, ranges: int, *pieces: pa.Table) -> tuple:
-    """The selected rows of a group of score files, read whole, with their key, split by rank range."""
+    """The selected rows of a bucket of score files, read whole (one file at a time, each once), with
+    their key, split by rank range."""
     _release()
     picks = pa.concat_tables(list(pieces))
     at = picks.column("_file").to_numpy()
+    order = np.argsort(at, kind="stable")
+    picks = picks.take(pa.array(order))
+    bounds = np.searchsorted(at[order], np.arange(first, first + len(files) + 1))
     tables = []
     for i, path in enumerate(files):
-        mine = np.flatnonzero(at == first + i)
-        if len(mine):
-            sub = picks.take(pa.array(mine))
-            rows = rundir.read_score_file(path).take(sub.column("_row"))
-            tables.append(rows.append_column("_key", sub.column("_key")).append_column("_range", sub.column("_range")))
-    if not tables:  # no selected row here: empty, with the files' columns
-        empty = rundir.read_score_file(files[0]).slice(0, 0)
-        tables = [empty.append_column("_key", pa.array([], pa.uint64())).append_column("_range", pa.array([], pa.int32()))]
+        sub = picks.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
+        if not sub.num_rows:
+            continue
+        rows = rundir.read_score_file(path).take(sub.column("_row"))
+        if not np.array_equal(_id_hash(rows.column("sample_id")), sub.column("_hash").to_numpy()):
+            raise RuntimeError(f"score file {path} changed while the selection read it (a row holds another "
+                               "sample than when the search began); select again")
+        tables.append(rows.append_column("_key", sub.column("_key")).append_column("_range", sub.column("_range")))
+    if not tables:  # no selected row in these files (the range's columns come from the selection's schema)
+        tables = [pa.table({"_key": pa.array([], pa.uint64()), "_range": pa.array([], pa.int32())})]
     table = pa.concat_tables(tables, promote_options="permissive")
     rank_range = table.column("_range").to_numpy()
     table = table.drop_columns(["_range"])
@@ -315,14 +333,15 @@ def _fetch(files: list[str], first: int, ranges: int, *pieces: pa.Table) -> tupl
 
 
 def _rank(offset: int, *pieces: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-    """One rank range: its rows from every partition in (key, sample_id) order, ranked from `offset`."""
+    """One rank range: its rows from every bucket in (key, sample_id) order, ranked from `offset`."""
     _release()
     table = pa.concat_tables(list(pieces), promote_options="permissive")
-    table = table.take(pc.sort_indices(table, sort_keys=[("_key", "ascending"), ("sample_id", "ascending")]))
+    if table.num_rows:
+        table = table.take(pc.sort_indices(table, sort_keys=[("_key", "ascending"), ("sample_id", "ascending")]))
     table = table.drop_columns(["_key"]).append_column("rank", pa.array(np.arange(offset, offset + table.num_rows,
                                                                                   dtype=np.int64)))
-    sources = pc.unique(table.column("source_file").cast(pa.string())).to_pylist()
-    return table, {"rows": table.num_rows, "schema": table.schema, "sources": sources}
+    sources = pc.unique(table.column("source_file").cast(pa.string())).to_pylist() if table.num_rows else []
+    return table, {"rows": table.num_rows, "sources": sources}
 
 
 # ------------------------------------------------------------------ the search
@@ -478,22 +497,32 @@ def _range_starts(chosen: int, range_rows: int) -> tuple[int, list[Search]]:
     return per, [Search("chosen_ranked", "count", r * per + 1) for r in range(1, ranges)]
 
 
+def _buckets(groups: list[list[str]], chosen: int, parts: int, piece_bytes: int) -> list[list[str]]:
+    """Consecutive groups of files merged into buckets, so few that each partition's picks for one
+    bucket (PICK_BYTES a row) come to about `piece_bytes`: pieces under Ray's 100 KB inline limit
+    would be kept by this process, not the object store."""
+    n = int(np.clip(chosen * PICK_BYTES // max(1, parts * piece_bytes), 1, len(groups)))
+    edges = np.linspace(0, len(groups), n + 1).round().astype(int)
+    return [[f for g in groups[edges[b] : edges[b + 1]] for f in g] for b in range(n)]
+
+
 def _ranked_parts(runner: _Runner, groups: list[list[str]], ctx: dict[str, Any], chosen: int, per: int,
-                  cuts: list[tuple[int, str]]) -> tuple[list[Any], pa.Schema, list[str]]:
+                  cuts: list[tuple[int, str]], piece_bytes: int) -> tuple[list[Any], list[str]]:
     """The selected rows as consecutive rank ranges of `per` rows (the last fewer) beginning at
     `cuts`, each sorted by a task, in the object store: no process holds more than one range, and
-    only the selected rows are read whole, once, by the group of files that holds them."""
+    only the selected rows are read whole, once, by the bucket of files that holds them."""
     import ray
 
     ranges = len(cuts) + 1
-    firsts = np.cumsum([0] + [len(g) for g in groups])
-    group_of = np.repeat(np.arange(len(groups), dtype=np.int32), [len(g) for g in groups])
-    cut = ray.remote(num_cpus=1, max_retries=2, num_returns=len(groups))(_cut)
-    picks = [cut.remote(p, runner.cfg, ctx, cuts, group_of) for p in runner.parts]
-    if len(groups) == 1:
+    buckets = _buckets(groups, chosen, len(runner.parts), piece_bytes)
+    firsts = np.cumsum([0] + [len(b) for b in buckets])
+    bucket_of = np.repeat(np.arange(len(buckets), dtype=np.int32), [len(b) for b in buckets])
+    cut = ray.remote(num_cpus=1, max_retries=2, num_returns=len(buckets))(_cut)
+    picks = [cut.remote(p, runner.cfg, ctx, cuts, bucket_of, len(buckets)) for p in runner.parts]
+    if len(buckets) == 1:
         picks = [[p] for p in picks]
     fetch = ray.remote(num_cpus=1, max_retries=2, num_returns=ranges)(_fetch)
-    pieces = [fetch.remote(files, int(firsts[g]), ranges, *[p[g] for p in picks]) for g, files in enumerate(groups)]
+    pieces = [fetch.remote(files, int(firsts[b]), ranges, *[p[b] for p in picks]) for b, files in enumerate(buckets)]
     del picks
     if ranges == 1:
         pieces = [[p] for p in pieces]
@@ -504,16 +533,17 @@ def _ranked_parts(runner: _Runner, groups: list[list[str]], ctx: dict[str, Any],
     expected = [min(per, chosen - r * per) for r in range(ranges)]
     if [m["rows"] for m in meta] != expected:  # the ranges must tile the ranking exactly
         raise RuntimeError(f"rank ranges of {[m['rows'] for m in meta]} rows, expected {expected}")
-    schema = pa.unify_schemas([m["schema"] for m in meta], promote_options="permissive")
-    return [t for t, _ in ranked], schema, sorted({f for m in meta for f in m["sources"]})
+    return [t for t, _ in ranked], sorted({f for m in meta for f in m["sources"]})
 
 
 def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2_500_000, fetch_rows: int = 200_000,
-                  split_rows: int = 1_000_000, range_rows: int = 1_000_000, file_rows: list[int] | None = None):
+                  split_rows: int = 1_000_000, range_rows: int = 1_000_000, file_rows: list[int] | None = None,
+                  piece_bytes: int = 256 << 10):
     """What `select(load_scores(scores_dir), cfg)` returns (its rows and stats), by the distributed
     search; Ray must be attached. The selected rows stay in the object store as rank ranges of at
     most `range_rows` rows (Selection.batches reads them in order). `file_rows`: the rows of each
-    score file, when the caller has read the footers already."""
+    score file, when the caller has read the footers already. `piece_bytes`: the size the picks sent
+    from a partition to a bucket of files aim at (smaller: more buckets)."""
     import ray
 
     from .selection import Selection
@@ -523,6 +553,9 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
     if not files:
         raise FileNotFoundError(f"no score files (*.parquet) in {scores_dir}")
     rows = file_rows if file_rows is not None else count_rows(files)
+    if len(rows) != len(files):
+        raise RuntimeError(f"{scores_dir} holds {len(files)} score files, {len(rows)} when their rows were counted: "
+                           "it changed while selecting; select again")
     groups = _groups(files, rows, split_rows)  # each split task reads about split_rows rows
     n_parts = max(1, -(-sum(rows) // partition_rows))
     columns = list(dict.fromkeys(["sample_id", "status", "n_response_tokens", "delta_nll", "delta_entropy", ALONE,
@@ -577,7 +610,10 @@ def search_select(scores_dir: str, cfg: SelectionConfig, partition_rows: int = 2
     per, starts = _range_starts(agg["chosen"], range_rows)  # searched in the same rounds as the quantiles
     runner.run(ctx, [s for name, plan in plans.items() if agg[f"n_{name}"] for _, a, b in plan for s in (a, b)] + starts)
     q = {name: _quantiles(plan, agg[f"n_{name}"]) for name, plan in plans.items()}
-    ranges, schema, sources = _ranked_parts(runner, groups, ctx, agg["chosen"], per, [s.answer for s in starts])
+    ranges, sources = _ranked_parts(runner, groups, ctx, agg["chosen"], per, [s.answer for s in starts], piece_bytes)
+    # the columns of every file as read whole, in file order (what load_scores' concatenation gives), then rank
+    schema = pa.unify_schemas([sc for i in info for sc in i["schemas"]], promote_options="permissive")
+    schema = schema.append(pa.field("rank", pa.int64()))
     stats = {
         "strategy": cfg.strategy,
         "rows_total": sum(i["rows"] for i in info),

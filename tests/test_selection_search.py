@@ -104,3 +104,44 @@ def test_api_select_above_the_in_memory_limit_writes_the_same_selection(ties, tm
     assert large.rows is None and small.rows.num_rows == streamed.num_rows  # not gathered when written
     unwritten = api.select(str(root), export="never", in_memory_rows=0)
     assert unwritten.rows.to_pylist() == small.rows.to_pylist()  # gathered when asked for without `out`
+
+
+def test_many_file_buckets_and_files_that_differ(tmp_path, ray_local):
+    """Rows read back by many buckets of files (small groups, tiny pieces), an empty first file with
+    its columns in another order, and one file with a column the others lack: the same rows, columns,
+    column order and written file as in memory."""
+    from instructdiff_ray.selection import write_selection
+
+    root = write_scores(tmp_path / "scores", 6000, 6, seed=2)
+    first = pq.read_table(root / "shard-00000.parquet")
+    pq.write_table(first.select(list(reversed(first.column_names))).slice(0, 0), root / "shard-00000.parquet")
+    extra = pq.read_table(root / "shard-00003.parquet")
+    pq.write_table(extra.append_column("reason", pa.array(["checked"] * extra.num_rows)), root / "shard-00003.parquet")
+    cfg = SelectionConfig(seed=1)
+    a = select(load_scores(str(root)), cfg)
+    b = search_select(str(root), cfg, partition_rows=1500, split_rows=1000, range_rows=100, piece_bytes=1)
+    assert b.schema.names == a.rows.schema.names and b.schema.names[0] == "status"
+    assert len(b.parts) > 2
+    same(a, b)
+    written = {}
+    for name, sel in (("memory", a), ("search", b)):
+        paths = write_selection(sel, str(tmp_path / name), export="never")
+        written[name] = pq.read_table(paths["scores"])
+    assert written["search"].schema.names == written["memory"].schema.names
+    assert written["search"].to_pylist() == written["memory"].to_pylist()
+
+
+def test_a_score_file_rewritten_during_the_search_is_refused(tmp_path):
+    """A row read back whole must be the sample the search chose (checked by its id's hash)."""
+    from instructdiff_ray.selection_search import _fetch, _id_hash
+
+    root = write_scores(tmp_path / "scores", 100, 1)
+    path = str(root / "shard-00000.parquet")
+    first = pq.read_table(path).column("sample_id")[0].as_py()
+    picks = pa.table({"_file": pa.array([0], pa.int32()), "_row": pa.array([0], pa.int32()),
+                      "_key": pa.array([7], pa.uint64()), "_range": pa.array([0], pa.int32()),
+                      "_hash": _id_hash(pa.array([first]))})
+    assert _fetch([path], 0, 1, picks).column("sample_id").to_pylist() == [first]
+    moved = picks.set_column(4, "_hash", pa.array(_id_hash(pa.array([first + "-other"]))))
+    with pytest.raises(RuntimeError, match="changed while the selection read it"):
+        _fetch([path], 0, 1, moved)
