@@ -279,6 +279,7 @@ def run_unit(cfg: RunConfig, unit: str, samples: SampleSet | list[Sample] | None
         exact = exact_match_eval(cfg, model_dir, heldout)
     t2 = time.monotonic()
     out = {"unit": unit, **info, "train": train, "heldout": evaluation, "user_metric": metric, "exact_match": exact,
+           "gradient_checkpointing": cfg.warmup.gradient_checkpointing if samples is not None else None,
            "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "cpus": cfg.ray.cpus_per_actor, "finished_at": time.time(),
            "peak_rss_mb": peak_rss_mb()}
     if armed("compare.before_unit_marker") == unit:

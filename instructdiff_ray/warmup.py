@@ -323,6 +323,7 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
 
         model = get_peft_model(model, LoraConfig(r=w.lora_r, lora_alpha=w.lora_alpha, lora_dropout=w.lora_dropout,
                                                  target_modules=w.target_modules, task_type="CAUSAL_LM"))
+    use_cache = model.config.use_cache
     if w.gradient_checkpointing:  # non-reentrant: also right for LoRA's frozen inputs, RNG (dropout) replayed
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -381,6 +382,7 @@ def train_loop(spec: dict[str, Any]) -> dict[str, Any]:
     merged_digest = None
     if rank == 0:
         core = loss_module.module if hasattr(loss_module, "module") else loss_module
+        core.lm.config.use_cache = use_cache  # the saved model is the same whether or not training checkpointed
         merged_digest = _save(core.lm, tok, spec["out_dir"], history, lora=w.method == "lora")
     if ray_train:
         ray.train.report({"step": step, "merged_digest": merged_digest or "", "rank_divergence": divergence,

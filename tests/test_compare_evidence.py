@@ -2,10 +2,12 @@
 evaluator on hand-made answers, and gradient checkpointing (same model, less kept for backward)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from instructdiff_ray import rundir
 from instructdiff_ray.evaluate import exact_match, final_answer
 from instructdiff_ray.stats import excludes_zero, mean_interval, paired_bootstrap
 
@@ -96,7 +98,7 @@ def test_a_unit_trained_with_gradient_checkpointing_equals_one_without_at_less_m
     from instructdiff_ray.corpus import normalize
 
     lines = gsm8k.read_text().splitlines()[:16]
-    results, kept = {}, {}
+    results, kept, configs = {}, {}, {}
     for on in (False, True):
         cfg = _unit_config(tmp_path / str(on), gsm8k, tiny_model, on)
         samples = [normalize(str(gsm8k), i, json.loads(x), cfg.data) for i, x in enumerate(lines)]
@@ -111,11 +113,14 @@ def test_a_unit_trained_with_gradient_checkpointing_equals_one_without_at_less_m
             results[on] = run_unit(cfg, "instructdiff/seed-0", samples, heldout,
                                    {"strategy": "instructdiff", "seed": 0, "n_rows": 16, "tokens": 0})
         kept[on] = saved[0]
+        merged = rundir.warmup_files(rundir.unit_model_dir(cfg.out, "instructdiff/seed-0"))["merged"]
+        configs[on] = json.loads(Path(merged, "config.json").read_text())
     off, on = results[False], results[True]
     assert off["train"]["steps"] == on["train"]["steps"] == 3
     assert abs(off["heldout"]["nll"] - on["heldout"]["nll"]) < 1e-4
     print(f"kept for backward: {kept[False] / 2**20:.1f} MiB without, {kept[True] / 2**20:.1f} MiB with checkpointing")
     assert kept[True] < 0.5 * kept[False], kept
+    assert configs[True] == configs[False]  # checkpointing leaves nothing in the saved model's config
     assert on["exact_match"]["rows"] == 2 and 0.0 <= on["exact_match"]["accuracy"] <= 1.0
 
 
