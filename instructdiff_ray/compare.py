@@ -67,6 +67,8 @@ def config_for(run_dir: str, updates: dict[str, Any], overrides: list[tuple[str,
         log.warning("the run directory's compare.eval_command is not run (a command is taken only from your own "
                     "config or --eval-command, never from files in a run directory)")
     section = stored | {k: v for k, v in updates.items() if v is not None}
+    if section.get("train") is None and any(k.startswith("compare.train.") for k, _ in overrides):
+        section["train"] = dict(tree.get("warmup") or {})  # one setting changed: the rest stay the run's warmup's
     if "eval" not in section:
         raise ConfigError("compare needs held-out data: --eval HELD_OUT (or a compare: section in the run's config)")
     return build_config(tree | {"compare": section}, overrides)

@@ -133,3 +133,19 @@ def test_units_with_and_without_checkpointing_stay_comparable(tmp_path, gsm8k):
     assert comparable_training(off) == comparable_training(on)
     faster = off.model_copy(update={"warmup": off.warmup.model_copy(update={"learning_rate": 1e-2})})
     assert comparable_training(faster) != comparable_training(off)
+
+
+def test_one_training_setting_set_for_a_compare_keeps_the_rest_of_the_runs_warmup(tmp_path, gsm8k):
+    """`--set compare.train.gradient_checkpointing=true` on a run whose compare trains with its warmup's
+    settings: the other settings stay the warmup's (so finished units stay comparable)."""
+    from instructdiff_ray.compare import comparable_training, config_for
+
+    run = tmp_path / "run"
+    run.mkdir()
+    tree = {"out": str(run), "data": {"paths": [str(gsm8k)]}, "model": {"base": "smollm2"},
+            "warmup": {"learning_rate": 1e-3, "batch_size": 4}, "compare": {"eval": [str(gsm8k)], "train": None}}
+    (run / rundir.RUN_CONFIG).write_text(json.dumps({"invocations": [{"config": tree}]}))
+    plain = config_for(str(run), {})
+    on = config_for(str(run), {}, [("compare.train.gradient_checkpointing", True)])
+    assert on.compare.train.gradient_checkpointing and on.compare.train.learning_rate == 1e-3
+    assert comparable_training(on) == comparable_training(plain)
