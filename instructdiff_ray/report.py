@@ -400,36 +400,45 @@ def inspect_run(run_dir: str, n: int = 5, round_k: int | None = None) -> str:
     """Top and bottom samples by ΔH and by ΔNLL, with their text and whether they were selected."""
     import json
 
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     from .corpus import read_rows
     from .readers import format_of
-    from .selection import load_scores
 
     dirs = _scores_dirs(run_dir)
     if not dirs:
         return f"{run_dir}: nothing scored yet"
     label, sdir = dirs[-1] if round_k is None else dirs[round_k - 1]
-    table = load_scores(sdir)
-    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    # one score file at a time, keeping the n first rows of each order: memory bounded at any N
+    columns = ["sample_id", "status", "delta_entropy", "delta_nll", "n_response_tokens", "source_file", "source_row"]
+    orders = [(col, order) for col in ("delta_entropy", "delta_nll") for order in ("ascending", "descending")]
+    best: dict[tuple[str, str], pa.Table] = {}
+    scored = 0
+    for path in rundir.score_files(sdir):
+        part = rundir.read_score_file(path, columns)
+        part = part.filter(pc.equal(part.column("status"), "ok"))
+        scored += part.num_rows
+        for col, order in orders:
+            both = pa.concat_tables([best[col, order], part], promote_options="permissive") if (col, order) in best else part
+            best[col, order] = both.take(pc.sort_indices(both, sort_keys=[(col, order), ("sample_id", "ascending")])[:n])
+    shown = pa.array(sorted({i for t in best.values() for i in t.column("sample_id").to_pylist()}), pa.string())
     commit = rundir.committed_selection(rundir.stage_dirs(sdir.rsplit("/", 1)[0])["selection"])
-    selected: set[str] = set()
+    selected: set[str] = set()  # which of the rows shown were selected (the selection read in batches)
+    n_selected = 0
     if commit:
         fs, sel_path = rundir.fs_of(commit["paths"]["scores"])
         with fs.open(sel_path, "rb") as f:
-            selected = set(pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist())
-    out = [f"{label}: {ok.num_rows} scored rows ({len(selected)} selected)"]
-    for col in ("delta_entropy", "delta_nll"):
-        for order in ("ascending", "descending"):
-            idx = pc.sort_indices(ok, sort_keys=[(col, order), ("sample_id", "ascending")])[:n]
-            rows = ok.take(idx).to_pylist()
-            out.append(f"\n=== {'lowest' if order == 'ascending' else 'highest'} {n} by {col} ===")
-            for r in rows:
-                rec = next(iter(read_rows(r["source_file"], format_of(r["source_file"]) or "jsonl", {r["source_row"]})), (0, {}))[1]
-                text = json.dumps(rec, ensure_ascii=False)
-                out.append(f"- {r['sample_id']} {col}={r[col]:.4f} T={r['n_response_tokens']} "
-                           f"{'[selected]' if r['sample_id'] in selected else ''}\n    {text[:400]}")
+            pf = pq.ParquetFile(f)
+            n_selected = pf.metadata.num_rows
+            for batch in pf.iter_batches(columns=["sample_id"]):
+                ids = batch.column(0)
+                selected |= set(ids.filter(pc.is_in(ids, value_set=shown)).to_pylist())
+    out = [f"{label}: {scored} scored rows ({n_selected} selected)"]
+    for col, order in orders:
+        out.append(f"\n=== {'lowest' if order == 'ascending' else 'highest'} {n} by {col} ===")
+        for r in best[col, order].to_pylist() if (col, order) in best else []:
+            rec = next(iter(read_rows(r["source_file"], format_of(r["source_file"]) or "jsonl", {r["source_row"]})), (0, {}))[1]
+            text = json.dumps(rec, ensure_ascii=False)
+            out.append(f"- {r['sample_id']} {col}={r[col]:.4f} T={r['n_response_tokens']} "
+                       f"{'[selected]' if r['sample_id'] in selected else ''}\n    {text[:400]}")
     return "\n".join(out)
 
 

@@ -237,6 +237,19 @@ def test_status_and_inspect(two_rounds, capsys):
     assert main(["inspect", str(two_rounds), "-n", "2"]) == 0
     out = capsys.readouterr().out
     assert "lowest 2 by delta_entropy" in out and '"question"' in out
+    # read one score file at a time, the rows shown are those of a sort of all of them
+    from instructdiff_ray.selection import load_scores
+
+    ok = load_scores(str(two_rounds / "round-2" / "scores")).to_pandas().query("status == 'ok'")
+    picked = set((two_rounds / "round-2" / "selection" / "selected_ids.txt").read_text().split())
+    assert f"round-2: {len(ok)} scored rows ({len(picked)} selected)" in out
+    for col in ("delta_entropy", "delta_nll"):
+        for head, ascending in (("lowest", True), ("highest", False)):
+            block = out.split(f"=== {head} 2 by {col} ===")[1].split("===")[0]
+            lines = [x for x in block.splitlines() if x.startswith("- ")]
+            want = ok.sort_values([col, "sample_id"], ascending=[ascending, True], kind="stable")["sample_id"][:2]
+            assert [x.split()[1] for x in lines] == list(want), (col, head)
+            assert ["[selected]" in x for x in lines] == [i in picked for i in want]
 
 
 def test_config_errors_fail_fast_with_exit_2(tmp_path, gsm8k, capsys):
