@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FULL = "full"
+EXACT_MATCH_RULE = "first-marker"  # evaluate.final_answer: the number after the first '####'; a new rule, a new name
 
 
 class EvalCommandFailed(RuntimeError):
@@ -67,8 +68,6 @@ def config_for(run_dir: str, updates: dict[str, Any], overrides: list[tuple[str,
         log.warning("the run directory's compare.eval_command is not run (a command is taken only from your own "
                     "config or --eval-command, never from files in a run directory)")
     section = stored | {k: v for k, v in updates.items() if v is not None}
-    if section.get("train") is None and any(k.startswith("compare.train.") for k, _ in overrides):
-        section["train"] = dict(tree.get("warmup") or {})  # one setting changed: the rest stay the run's warmup's
     if "eval" not in section:
         raise ConfigError("compare needs held-out data: --eval HELD_OUT (or a compare: section in the run's config)")
     return build_config(tree | {"compare": section}, overrides)
@@ -116,7 +115,7 @@ def compared_keys(cfg: RunConfig) -> list[str]:
 
 
 def training_settings(cfg: RunConfig):
-    train = cfg.compare.train or cfg.warmup
+    train = cfg.compare.train or cfg.warmup.model_copy(update={"num_workers": 1})  # one worker a unit
     if train.num_workers > 1:
         raise ConfigError("compare.train.num_workers must be 1: each unit trains on one worker, and units run in "
                           "parallel instead")
@@ -146,7 +145,8 @@ def fingerprint(cfg: RunConfig, scores_dir: str, heldout: list[Sample]) -> dict[
         "heldout": {"rows": len(heldout), "sha256": samples_digest(heldout)},
         "eval_command": c.eval_command,
         "metric": c.metric,
-        "exact_match": [c.exact_match, c.max_new_tokens],
+        # the judging rule is part of what an accuracy means (recorded only when exact match is on)
+        "exact_match": [c.exact_match, c.max_new_tokens, *([EXACT_MATCH_RULE] if c.exact_match else [])],
     }
 
 

@@ -228,8 +228,9 @@ class CompareConfig(_Strict):
                           "units of the other unit are named STRATEGY@UNIT")
     full_seeds: list[int] | None = Field(None, description="seeds of the 'full' units (default: seeds); full data "
                                                           "costs about 1/budget selection units each")
-    train: WarmupConfig | None = Field(None, description="fine-tuning settings, identical for every unit "
-                                                          "(default: the run's warmup settings)")
+    train: WarmupConfig | None = Field(None, description="fine-tuning settings, identical for every unit: the run's "
+                                                          "warmup settings, with those given here changed (a preset "
+                                                          "given here starts from that preset instead)")
     eval_command: str | None = Field(None, description="run per model: {model_dir} and {heldout} are replaced (also "
                                                        "$INSTRUCTDIFF_MODEL_DIR, $INSTRUCTDIFF_HELDOUT); its last stdout "
                                                        "line that is a JSON object holds the metric")
@@ -267,6 +268,20 @@ class RunConfig(_Strict):
     progress: Literal["auto", "on", "off", "ray"] = Field(
         "auto", description="auto: progress lines on a terminal, sparse in logs; on; off; ray: also Ray Data's own "
                             "progress bars and execution logs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_from_warmup(cls, data: Any) -> Any:
+        """compare.train given in part (`--set compare.train.X=...` included) changes those settings of
+        the run's warmup and keeps the rest; one that names a preset starts from the preset instead."""
+        compare = data.get("compare") if isinstance(data, dict) else None
+        train = compare.get("train") if isinstance(compare, dict) else None
+        if isinstance(train, dict) and "preset" not in train:
+            warm = data.get("warmup")
+            warm = warm.model_dump() if isinstance(warm, WarmupConfig) else dict(warm or {})
+            warm.pop("num_workers", None)  # a unit trains on one worker (units run in parallel instead)
+            data = {**data, "compare": {**compare, "train": {**warm, **train}}}
+        return data
 
     @model_validator(mode="after")
     def _across_sections(self) -> "RunConfig":
@@ -321,6 +336,7 @@ RERUN: dict[str, str] = {
     "engine.name": "scores",
     "ray": "reuse",
     "warmup": "warmup",
+    "warmup.gradient_checkpointing": "reuse",  # memory only: the same weights (tested)
     "selection": "select",
     "rounds": "extend",
     "run": "reuse",
@@ -332,6 +348,7 @@ RERUN: dict[str, str] = {
     "compare.full_seeds": "extend",
     "compare.higher_is_better": "reuse",  # only how the table reads
     "compare.train.seed": "reuse",  # each unit trains with its own seed (compare.seeds)
+    "compare.train.gradient_checkpointing": "reuse",  # memory only: the same models (tested)
     "progress": "reuse",
 }
 

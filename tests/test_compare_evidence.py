@@ -139,6 +139,7 @@ def test_one_training_setting_set_for_a_compare_keeps_the_rest_of_the_runs_warmu
     """`--set compare.train.gradient_checkpointing=true` on a run whose compare trains with its warmup's
     settings: the other settings stay the warmup's (so finished units stay comparable)."""
     from instructdiff_ray.compare import comparable_training, config_for
+    from instructdiff_ray.config import build_config
 
     run = tmp_path / "run"
     run.mkdir()
@@ -149,3 +150,11 @@ def test_one_training_setting_set_for_a_compare_keeps_the_rest_of_the_runs_warmu
     on = config_for(str(run), {}, [("compare.train.gradient_checkpointing", True)])
     assert on.compare.train.gradient_checkpointing and on.compare.train.learning_rate == 1e-3
     assert comparable_training(on) == comparable_training(plain)
+    # the same from the API and from `run --set`: a part given changes the warmup's settings, keeps the rest
+    api_way = config_for(str(run), {"train": {"gradient_checkpointing": True}})
+    run_way = build_config({k: v for k, v in tree.items() if k != "compare"} | {"compare": {"eval": [str(gsm8k)]}},
+                           [("compare.train.gradient_checkpointing", True)])
+    assert comparable_training(api_way) == comparable_training(run_way) == comparable_training(plain)
+    # a preset given for compare starts from that preset
+    paper = config_for(str(run), {}, [("compare.train.preset", "paper")])
+    assert (paper.compare.train.method, paper.compare.train.epochs, paper.compare.train.learning_rate) == ("full", 3.0, 2e-5)
