@@ -74,9 +74,20 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _anonymous(pid: int) -> int:
+    """A process's anonymous memory (its heap: what it allocated itself), in bytes. Private (USS)
+    also counts pages of Ray's shared-memory object store that only this process has touched, which
+    a long-lived worker accumulates over every task it ran."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _watch_workers(peak: dict, stop: threading.Event) -> None:
-    """Peak resident and private (USS) memory of any Ray worker, and this process's private memory
-    (its resident figure also counts the object store pages it maps)."""
+    """Peak resident, private (USS) and anonymous memory of any Ray worker, and this process's
+    private memory (its resident figure also counts the object store pages it maps)."""
     import os
 
     import psutil
@@ -91,7 +102,8 @@ def _watch_workers(peak: dict, stop: threading.Event) -> None:
                 mem = p.memory_full_info()
                 peak["rss"] = max(peak.get("rss", 0), mem.rss)
                 peak["uss"] = max(peak.get("uss", 0), mem.uss)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                peak["anon"] = max(peak.get("anon", 0), _anonymous(p.pid))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                 pass
         stop.wait(0.5)
 
@@ -126,6 +138,7 @@ def child(mode: str, scores: str) -> None:
         stop.set()
         watcher.join()
         out |= {"driver_peak_uss_gb": peak.get("driver_uss", 0) / 2**30, "worker_peak_rss_gb": peak.get("rss", 0) / 2**30, "worker_peak_uss_gb": peak.get("uss", 0) / 2**30,
+                "worker_peak_anon_gb": peak.get("anon", 0) / 2**30,
                 "partitions": sel.stats["search"]["partitions"], "rounds": sel.stats["search"]["rounds"]}
     out |= {"total_s": time.perf_counter() - t0, "rows": sel.stats["rows_total"], "selected": sel.stats["selected_rows"],
             "driver_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "ids_sha256": digest}
@@ -158,7 +171,7 @@ def main() -> None:
             med = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
             digests[mode] = {r["ids_sha256"] for r in runs}
             extra = (f" ({med['driver_peak_uss_gb']:.2f} GB private), largest worker {med['worker_peak_rss_gb']:.2f} GB resident / {med['worker_peak_uss_gb']:.2f} GB "
-                     f"private, {med['partitions']} partitions, {med['rounds']} rounds" if mode == "search" else "")
+                     f"private / {med['worker_peak_anon_gb']:.2f} GB anonymous (heap), {med['partitions']} partitions, {med['rounds']} rounds" if mode == "search" else "")
             print(f"{mode}: median of {len(runs)}: {med['rows']:,} rows selected and written in {med['total_s']:.1f} s "
                   f"(spread {statistics.pstdev([r['total_s'] for r in runs]):.1f} s), driver peak {med['driver_peak_rss_gb']:.2f} GB"
                   f"{extra}, {med['selected']:,} selected", flush=True)
