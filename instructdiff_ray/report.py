@@ -533,9 +533,9 @@ def comparison_plot(table: dict[str, Any]) -> bytes:
     for i, r in enumerate(rows):
         own = r["cpu_minutes"] / max(1, len(r["seeds"]) if not base[i] else 1)
         scored = not base[i] and r["strategy"].split("@")[0] not in ("random", "full")
-        cost_ax.errorbar(own + (selecting if scored else 0.0), r["nll_mean"], yerr=[[low[i]], [high[i]]], fmt="o",
-                         color=colors[i], capsize=3)
-        cost_ax.annotate(r["strategy"], (own + (selecting if scored else 0.0), r["nll_mean"]), fontsize=7,
+        cost = own + (selecting if scored else 0.0)
+        cost_ax.errorbar(cost, r["nll_mean"], yerr=[[low[i]], [high[i]]], fmt="o", color=colors[i], capsize=3)
+        cost_ax.annotate(r["strategy"], (cost, r["nll_mean"]), fontsize=7,
                          xytext=(4, 2), textcoords="offset points")
     if selecting:
         cost_ax.axvline(selecting, color="#cc6677", ls="--", lw=1)

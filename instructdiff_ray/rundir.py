@@ -819,15 +819,21 @@ def read_score_file(path: str, columns: list[str] | None = None):
         return pq.read_table(f, columns=columns, read_dictionary=DICTIONARY_COLUMNS)
 
 
-def score_schema(footer):
-    """The schema read_score_file gives a file whose Parquet footer has schema `footer`."""
+def read_score_columns(path: str, columns: list[str]):
+    """Those of `columns` a score file has, read as read_score_file reads them, and the schema
+    read_score_file would give the whole file (from its footer, in the same open)."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    fs, p = fs_of(path)
+    with fs.open(p, "rb") as f:
+        schema = pq.ParquetFile(f).schema_arrow
+        table = pq.read_table(f, columns=[c for c in columns if c in schema.names], read_dictionary=DICTIONARY_COLUMNS)
     for name in DICTIONARY_COLUMNS:
-        if name in footer.names:
-            i = footer.get_field_index(name)
-            footer = footer.set(i, pa.field(name, pa.dictionary(pa.int32(), footer.field(i).type)))
-    return footer
+        if name in schema.names:
+            i = schema.get_field_index(name)
+            schema = schema.set(i, pa.field(name, pa.dictionary(pa.int32(), schema.field(i).type)))
+    return table, schema
 
 
 def unmarked_shard_files(scores_dir: str, done: set[int]) -> list[str]:

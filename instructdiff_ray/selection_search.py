@@ -66,11 +66,8 @@ def _split(files: list[str], first: int, parts: int, columns: list[str]) -> tupl
     _release()
     tables, schemas = [], []
     for i, path in enumerate(files):
-        fs, p = rundir.fs_of(path)
-        with fs.open(p, "rb") as f:
-            schemas.append(rundir.score_schema(pq.ParquetFile(f).schema_arrow))
-            t = pq.read_table(f, columns=[c for c in columns if c in schemas[-1].names],
-                              read_dictionary=rundir.DICTIONARY_COLUMNS)
+        t, schema = rundir.read_score_columns(path, columns)
+        schemas.append(schema)
         tables.append(t.append_column("_file", pa.array(np.full(t.num_rows, first + i, np.int32)))
                       .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int32))))
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
@@ -295,9 +292,10 @@ def _cut(part: Partition, cfg: SelectionConfig, ctx: dict[str, Any], starts: lis
     rank_range = np.zeros(len(rows), dtype=np.int32)
     for start in starts:
         rank_range += ~_before(keys, ids, start, inclusive=False)
-    bucket = bucket_of[part.file[rows]]
+    files = part.file[rows]
+    bucket = bucket_of[files]
     order = np.argsort(bucket, kind="stable")
-    picks = pa.table({"_file": part.file[rows], "_row": part.row[rows], "_key": keys, "_range": rank_range,
+    picks = pa.table({"_file": files, "_row": part.row[rows], "_key": keys, "_range": rank_range,
                       "_hash": _id_hash(ids)}).take(pa.array(order))
     bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
     out = tuple(picks.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])) for b in range(buckets))
