@@ -255,7 +255,7 @@ def run_unit(cfg: RunConfig, unit: str, samples: SampleSet | list[Sample] | None
     """Train (unless `samples` is None: the base model), evaluate, then write the unit's marker."""
     from .models import pin, resolve_model
     from .runtime import quiet_libraries
-    from .warmup import samples_of, step_printer, train_warmup
+    from .warmup import step_printer, train_warmup
 
     quiet_libraries(cfg.progress)
     t0 = time.monotonic()
@@ -263,7 +263,7 @@ def run_unit(cfg: RunConfig, unit: str, samples: SampleSet | list[Sample] | None
     if samples is None:
         model_dir = resolve_model(pin(cfg.model.base))
     else:
-        result = train_warmup(cfg, samples_of(samples), rundir.unit_model_dir(cfg.out, unit),
+        result = train_warmup(cfg, samples, rundir.unit_model_dir(cfg.out, unit),
                               on_step=step_printer(cfg, f"compare {unit}"), in_process=True)
         train = asdict(result)
         model_dir = resolve_model(result.merged_dir)

@@ -38,3 +38,11 @@ def test_selection_benchmark_runs_small(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "identical ids in identical order: True" in out.stdout, out.stdout
+
+
+def test_training_rows_benchmark_runs_small(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_training_rows.py"), "--rows", "2000",
+                          "--steps", "20", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows, base = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert rows["rows"] == base["rows"] > 1900 and rows["tokens"] > 0 and base["heap_peak_gb"] > 0, out.stdout

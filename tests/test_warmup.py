@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from conftest import make_config
 from instructdiff_ray.corpus import plan_shards
-from instructdiff_ray.warmup import collect_samples, draw_rows, train_warmup
+from instructdiff_ray.warmup import collect, draw_rows, train_warmup
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def _train(tmp_path, name, tiny_model, gsm8k, **warmup):
     cfg = make_config(tmp_path / name, [gsm8k], tiny_model, data={"limit": 200},
                       warmup={"count": 32, "max_steps": 4, "learning_rate": 1e-3, "lora_dropout": 0.0, **warmup})
     shards = plan_shards(cfg.data)
-    samples = collect_samples(cfg, shards, draw=draw_rows(shards, cfg.warmup))
+    samples = collect(cfg, shards, draw=draw_rows(shards, cfg.warmup))  # parts in the object store, as a run has them
     result = train_warmup(cfg, samples, str(tmp_path / name / "warm"), in_process=warmup.get("num_workers", 1) == 1)
     return result, load_file(tmp_path / name / "warm" / "merged" / "model.safetensors")
 

@@ -124,3 +124,35 @@ def test_a_selections_rows_never_gather_on_the_driver(big_corpus, tmp_path, ray_
     again = collect(cfg, shards, selection=str(selection), cap=500).resolve()
     assert len(capped) == 500 and [s.source_row for s in capped] == [s.source_row for s in again]
     assert set(s.source_row for s in capped) <= set(picked.tolist())
+
+
+def test_training_rows_are_tokenized_by_tasks_and_read_back_exactly(big_corpus, tmp_path, ray_local, tiny_model):
+    """The tokenized training rows stay in the object store, one table per part (the driver holds
+    references and counts); a worker's reader gives, for any global index, exactly the tokens and
+    mask the whole list tokenized at once gives, the rows the template refuses dropped in place."""
+    from instructdiff_ray.models import load_tokenizer
+    from instructdiff_ray.template import tokenize_samples
+    from instructdiff_ray.warmup import RowReader, tokenize
+
+    path, selection, picked = big_corpus
+    cfg = make_config(tmp_path, [path], str(tiny_model), data={"preset": "qa", "shard_rows": 1000},
+                      template={"max_length": 499})
+    shards = plan_shards(cfg.data)
+    samples = collect(cfg, shards, selection=str(selection))
+    worker = ray_local._private.worker.global_worker.core_worker
+    before = worker.get_local_memory_store_bytes_used()
+    rows = tokenize(cfg, str(tiny_model), samples, here=False)
+    assert worker.get_local_memory_store_bytes_used() - before < 10_000  # references and counts, not tokens
+    assert all(isinstance(p, ray_local.ObjectRef) for p in rows.parts)
+    whole = [t for t in tokenize_samples(samples.resolve(), cfg.template, load_tokenizer(str(tiny_model))) if t.status == "ok"]
+    assert 0 < len(whole) < len(picked) and len(rows) == len(whole)  # the length limit refused some rows
+    reader = RowReader(rows)
+    assert reader.n_response.tolist() == [t.n_response_tokens for t in whole]
+    order = np.random.default_rng(0).permutation(len(whole))[:3000].tolist()
+    ids, masks = reader.take(order)
+    assert [x.tolist() for x in ids] == [whole[g].input_ids for g in order]
+    assert [m.tolist() for m in masks] == [whole[g].response_mask for g in order]
+    assert len(reader._open) <= RowReader.OPEN_PARTS  # a few parts mapped at a time, not every row
+    here = tokenize(cfg, str(tiny_model), samples, here=True)  # a compare unit's path: in its own task
+    assert here.sizes == rows.sizes
+    assert RowReader(here).take(order[:50])[0][7].tolist() == whole[order[7]].input_ids
