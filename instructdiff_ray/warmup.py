@@ -157,26 +157,43 @@ class TrainingRows:
         return sum(self.sizes)
 
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS: dict[tuple, Any] = {}
+TOKENIZE_SLICE = 2048  # samples tokenized at once: Python token lists exist for one slice, not a whole part
+
+
+def _tokenizer(base: str):
+    """The base model's tokenizer, loaded once per process and per version of its files (a local or
+    object-store model rewritten between two runs in one Ray session is loaded again)."""
+    from .models import load_tokenizer, resolve_model
+
+    path = Path(resolve_model(base, tokenizer_only=True))
+    key = (str(path), tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size)
+                                   for f in path.iterdir() if f.is_file())))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(str(path))
+    return _TOKENIZERS[key]
 
 
 def tokenize_part(template: TemplateConfig, base: str, samples: list[Sample]) -> tuple[pa.Table, int]:
     """One part's samples tokenized (rows the template refuses are dropped, as training always
-    dropped them), in order, as a compact table: 4 bytes a token id, 1 its mask, 4 a row's count."""
-    from .models import load_tokenizer, resolve_model
+    dropped them), in order, as a compact table: 4 bytes a token id, 1 its mask, 4 a row's count.
+    Tokenized a slice at a time, so the task holds Python token lists for one slice only."""
     from .template import tokenize_samples
 
-    if base not in _TOKENIZERS:  # one load per process, however many parts it tokenizes
-        _TOKENIZERS[base] = load_tokenizer(resolve_model(base, tokenizer_only=True))
-    toks = [t for t in tokenize_samples(samples, template, _TOKENIZERS[base]) if t.status == "ok"]
-    offsets = np.zeros(len(toks) + 1, dtype=np.int64)
-    np.cumsum([len(t.input_ids) for t in toks], out=offsets[1:])
-    ids = np.fromiter(chain.from_iterable(t.input_ids for t in toks), dtype=np.int32, count=int(offsets[-1]))
-    mask = np.fromiter(chain.from_iterable(t.response_mask for t in toks), dtype=np.int8, count=int(offsets[-1]))
-    table = pa.table({"input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids)),
-                      "response_mask": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(mask)),
-                      "n_response": pa.array([t.n_response_tokens for t in toks], type=pa.int32())})
-    return table, len(toks)
+    tok = _tokenizer(base)
+    lengths, counts, ids, masks = [], [], [], []
+    for lo in range(0, len(samples), TOKENIZE_SLICE):
+        toks = [t for t in tokenize_samples(samples[lo : lo + TOKENIZE_SLICE], template, tok) if t.status == "ok"]
+        lengths += [len(t.input_ids) for t in toks]
+        counts += [t.n_response_tokens for t in toks]
+        n = sum(len(t.input_ids) for t in toks)
+        ids.append(np.fromiter(chain.from_iterable(t.input_ids for t in toks), dtype=np.int32, count=n))
+        masks.append(np.fromiter(chain.from_iterable(t.response_mask for t in toks), dtype=np.int8, count=n))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+    table = pa.table({"input_ids": pa.LargeListArray.from_arrays(offsets, pa.array(np.concatenate([np.zeros(0, np.int32), *ids]))),
+                      "response_mask": pa.LargeListArray.from_arrays(offsets, pa.array(np.concatenate([np.zeros(0, np.int8), *masks]))),
+                      "n_response": pa.array(counts, type=pa.int32())})
+    return table, len(counts)
 
 
 def tokenize(cfg: RunConfig, base: str, samples: list[Sample] | SampleSet, here: bool) -> TrainingRows:
@@ -217,13 +234,13 @@ class RowReader:
         self._open: dict[int, tuple[np.ndarray, ...]] = {}
         self.n_response = np.zeros(len(rows), dtype=np.int32)
         for i in range(len(rows.parts)):
-            self.n_response[self.starts[i] : self.starts[i + 1]] = self._part(i)[3]
+            self.n_response[self.starts[i] : self.starts[i + 1]] = self._part(i)[4]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def _part(self, i: int) -> tuple[np.ndarray, ...]:
-        """Part i as (offsets, token ids, mask, response counts)."""
+        """Part i as (token offsets, token ids, mask offsets, mask, response counts)."""
         if i in self._open:
             self._open[i] = self._open.pop(i)  # most recently used last
             return self._open[i]
@@ -232,7 +249,8 @@ class RowReader:
         part = self.rows.parts[i]
         table = ray.get(part) if isinstance(part, ray.ObjectRef) else part
         ids, mask, n = (_one_chunk(table.column(c)) for c in ("input_ids", "response_mask", "n_response"))
-        self._open[i] = (ids.offsets.to_numpy(), ids.values.to_numpy(), mask.values.to_numpy(), n.to_numpy())
+        self._open[i] = (ids.offsets.to_numpy(), ids.values.to_numpy(), mask.offsets.to_numpy(), mask.values.to_numpy(),
+                         n.to_numpy())
         if len(self._open) > self.OPEN_PARTS:
             self._open.pop(next(iter(self._open)))
         return self._open[i]
@@ -242,10 +260,10 @@ class RowReader:
         ids, masks = [], []
         for g in rows:
             p = int(np.searchsorted(self.starts, g, side="right")) - 1
-            offsets, values, mask, _ = self._part(p)
-            a, b = offsets[g - self.starts[p]], offsets[g - self.starts[p] + 1]
-            ids.append(values[a:b].astype(np.int64))
-            masks.append(mask[a:b].astype(bool))
+            offsets, values, mask_offsets, mask, _ = self._part(p)
+            r = g - self.starts[p]
+            ids.append(values[offsets[r] : offsets[r + 1]].astype(np.int64))
+            masks.append(mask[mask_offsets[r] : mask_offsets[r + 1]].astype(bool))
         return ids, masks
 
 
